@@ -1,0 +1,1 @@
+"""Saving and loading graphs and weights (placeholder until the serialization lands)."""
