@@ -146,7 +146,8 @@ class Tensor:
     """A handle on one value of a graph, with numpy-like operators."""
 
     __slots__ = ("graph", "value")
-    __array_priority__ = 1000  # numpy defers to our reflected operators
+    __array_priority__ = 1000
+    __array_ufunc__ = None  # numpy scalars and arrays defer to our reflected operators
 
     def __init__(self, graph: Graph, value: Value):
         self.graph = graph
