@@ -1,0 +1,207 @@
+"""Every op in the registry, checked the same way: its reference against an independent
+computation (torch where torch has the op), and its shape rule against bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import attngraph as ag
+from attngraph import errors
+from attngraph.dsl import apply
+from attngraph.ir import all_ops, get_op
+from tests.helpers import run_op
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def T(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _softmax_oracle(x, axis):
+    # torch gives NaN for a row of all −inf; attngraph's pinned contract is zeros.
+    return torch.nan_to_num(torch.softmax(T(x), dim=axis), nan=0.0).numpy()
+
+
+def _log_softmax_oracle(x, axis):
+    out = torch.log_softmax(T(x), dim=axis)
+    return torch.where(torch.isnan(out), torch.tensor(-math.inf, dtype=out.dtype), out).numpy()
+
+
+def _layernorm_oracle(x, *affine, eps, has_gamma, has_beta):
+    rest = list(affine)
+    gamma = T(rest.pop(0)) if has_gamma else None
+    beta = T(rest.pop(0)) if has_beta else None
+    return F.layer_norm(T(x), (x.shape[-1],), gamma, beta, eps).numpy()
+
+
+def _reduce(fn):
+    def oracle(x, axis, keepdims):
+        t = T(x)
+        if axis is None or axis == tuple(range(x.ndim)):
+            out = fn(t.reshape(-1), 0)
+            return (out.reshape((1,) * x.ndim) if keepdims else out).numpy()
+        for a in sorted(axis if isinstance(axis, tuple) else (axis,), reverse=True):
+            t = fn(t, a, keepdims=keepdims)
+        return t.numpy()
+    return oracle
+
+
+def _sum(t, a, keepdims=False):
+    return torch.sum(t, dim=a, keepdim=keepdims, dtype=t.dtype)
+
+
+def _mean(t, a, keepdims=False):
+    return torch.mean(t, dim=a, keepdim=keepdims)
+
+
+def _max(t, a, keepdims=False):
+    return torch.amax(t, dim=a, keepdim=keepdims)
+
+
+def _slice_oracle(x, starts, stops, steps):
+    # torch has no negative steps: flip those axes and slice the mirrored range.
+    t = T(x)
+    index = []
+    for axis, (a, b, c) in enumerate(zip(starts, stops, steps)):
+        idx = list(range(x.shape[axis]))[slice(a, b, c)]
+        t = torch.index_select(t, axis, torch.tensor(idx, dtype=torch.long))
+    return t.numpy()
+
+
+def _trilu_oracle(x, k, upper):
+    t = T(x)
+    return (torch.triu(t, k) if upper else torch.tril(t, k)).numpy()
+
+
+def _cast_oracle(x, dtype):
+    table = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int32, "int64": torch.int64,
+             "bool": torch.bool}
+    return T(x).to(table[str(dtype)]).numpy()
+
+
+# op name → oracle(*inputs, **attrs). Independent of attngraph's references.
+ORACLES = {
+    "add": lambda a, b: (T(a) + T(b)).numpy(),
+    "sub": lambda a, b: (T(a) - T(b)).numpy(),
+    "mul": lambda a, b: (T(a) * T(b)).numpy(),
+    "div": lambda a, b: (T(a) / T(b)).numpy(),
+    "pow": lambda a, b: torch.pow(T(a), T(b)).numpy(),
+    "maximum": lambda a, b: torch.maximum(T(a), T(b)).numpy(),
+    "minimum": lambda a, b: torch.minimum(T(a), T(b)).numpy(),
+    "neg": lambda x: (-T(x)).numpy(),
+    "abs": lambda x: torch.abs(T(x)).numpy(),
+    "exp": lambda x: torch.exp(T(x)).numpy(),
+    "log": lambda x: torch.log(T(x)).numpy(),
+    "sqrt": lambda x: torch.sqrt(T(x)).numpy(),
+    "rsqrt": lambda x: torch.rsqrt(T(x)).numpy(),
+    "tanh": lambda x: torch.tanh(T(x)).numpy(),
+    "erf": lambda x: torch.erf(T(x)).numpy(),
+    "sigmoid": lambda x: torch.sigmoid(T(x)).numpy(),
+    "sin": lambda x: torch.sin(T(x)).numpy(),
+    "cos": lambda x: torch.cos(T(x)).numpy(),
+    "relu": lambda x: torch.relu(T(x)).numpy(),
+    "gelu": lambda x, approximate: F.gelu(T(x), approximate=approximate).numpy(),
+    "equal": lambda a, b: torch.eq(T(a), T(b)).numpy(),
+    "not_equal": lambda a, b: torch.ne(T(a), T(b)).numpy(),
+    "less": lambda a, b: torch.lt(T(a), T(b)).numpy(),
+    "less_equal": lambda a, b: torch.le(T(a), T(b)).numpy(),
+    "greater": lambda a, b: torch.gt(T(a), T(b)).numpy(),
+    "greater_equal": lambda a, b: torch.ge(T(a), T(b)).numpy(),
+    "logical_and": lambda a, b: torch.logical_and(T(a), T(b)).numpy(),
+    "logical_or": lambda a, b: torch.logical_or(T(a), T(b)).numpy(),
+    "logical_not": lambda x: torch.logical_not(T(x)).numpy(),
+    "where": lambda c, a, b: torch.where(T(c), T(a), T(b)).numpy(),
+    "matmul": lambda a, b: torch.matmul(T(a), T(b)).numpy(),
+    "softmax": _softmax_oracle,
+    "log_softmax": _log_softmax_oracle,
+    "mask": lambda x, m, value: T(x).masked_fill(T(m), value).numpy(),
+    "layernorm": _layernorm_oracle,
+    "concat": lambda *xs, axis: torch.cat([T(x) for x in xs], dim=axis).numpy(),
+    "sum": lambda x, axis, keepdims: _reduce(_sum)(x, axis, keepdims),
+    "mean": lambda x, axis, keepdims: _reduce(_mean)(x, axis, keepdims),
+    "max": lambda x, axis, keepdims: _reduce(_max)(x, axis, keepdims),
+    "argmax": lambda x, axis, keepdims: torch.argmax(T(x), dim=axis, keepdim=keepdims).numpy(),
+    "reshape": lambda x, shape: T(x).reshape(shape).numpy(),
+    "transpose": lambda x, axes: T(x).permute(*(axes or reversed(range(x.ndim)))).numpy(),
+    "broadcast_to": lambda x, shape: T(x).expand(*shape).numpy(),
+    "slice": _slice_oracle,
+    "split": lambda x, sizes, axis: [p.numpy() for p in torch.split(
+        T(x), x.shape[axis] // sizes if isinstance(sizes, int) else list(sizes), dim=axis)],
+    "gather": lambda data, idx, axis: torch.index_select(
+        T(data), axis, T(np.where(idx < 0, idx + data.shape[axis], idx).reshape(-1)).long()).reshape(
+        data.shape[:axis] + idx.shape + data.shape[axis + 1:]).numpy(),
+    "cast": _cast_oracle,
+    "dropout": lambda x, p: F.dropout(T(x), p, training=False).numpy(),
+    "full": lambda shape, value, dtype: torch.full(shape, value, dtype=getattr(torch, str(dtype))).numpy(),
+    "arange": lambda stop, dtype: torch.arange(stop, dtype=getattr(torch, str(dtype))).numpy(),
+    "trilu": _trilu_oracle,
+    # conv family: checked against torch in tests/ops/test_conv_family.py with many configurations.
+    "conv2d": None, "conv_transpose2d": None, "max_pool2d": None, "avg_pool2d": None, "upsample": None,
+    "patchify": None, "pad": None,
+}
+
+OPS = all_ops()
+EXAMPLES = [pytest.param(op.name, ex, id=f"{op.name}-{ex.label or i}")
+            for op in OPS for i, ex in enumerate(op.examples(np.random.default_rng(0)) if op.examples else [])]
+BAD = [pytest.param(op.name, case, id=f"{op.name}-{case.label or i}")
+       for op in OPS for i, case in enumerate(op.bad_cases)]
+
+
+def test_every_op_has_an_oracle_and_examples():
+    missing = [op.name for op in OPS if op.name not in ORACLES]
+    assert not missing, f"add an independent oracle for {missing}"
+    assert not [op.name for op in OPS if not op.examples], "every op needs examples"
+    assert len(OPS) >= 55
+
+
+@pytest.mark.parametrize("name, example", EXAMPLES)
+def test_reference_matches_oracle(name, example):
+    oracle = ORACLES[name]
+    if oracle is None:
+        pytest.skip("checked in its own family test")
+    attrs = dict(example.attrs)
+    got = run_op(name, list(example.inputs), attrs)
+    # The oracle sees the attrs the op normalizes to (positive axes, resolved shapes).
+    g = ag.Graph("n")
+    handles = [g.input(f"i{k}", a.shape, a.dtype) for k, a in enumerate(example.inputs)]
+    node = apply(name, handles, graph=g, **attrs)
+    node = node[0].node if isinstance(node, tuple) else node.node
+    want = oracle(*example.inputs, **dict(node.attrs))
+    gots = got if isinstance(got, list) else [got]
+    wants = want if isinstance(want, list) else [want]
+    assert len(gots) == len(wants)
+    for g_, w in zip(gots, wants):
+        w = np.asarray(w)
+        assert g_.shape == w.shape
+        assert g_.dtype == w.dtype or name in ("argmax",)
+        tol = 1e-6 if g_.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(g_, w, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("name, case", BAD)
+def test_bad_inputs_are_refused_at_build_time(name, case):
+    g = ag.Graph("bad")
+    handles = [g.input(f"i{k}", shape, dtype) for k, (dtype, shape) in enumerate(case.inputs)]
+    error = getattr(errors, case.error)
+    with pytest.raises(error) as info:
+        apply(name, handles, graph=g, **case.attrs)
+    assert name in str(info.value)
+    assert __file__.split("/")[-1] in str(info.value)  # points at this test's line
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(errors.UnknownOpError, match="did you mean softmax"):
+        get_op("sofmax")
+
+
+def test_fully_masked_softmax_row_is_zero():
+    x = np.full((2, 4), -np.inf, np.float32)
+    x[1] = [1, 2, 3, 4]
+    out = run_op("softmax", [x], {"axis": -1})
+    assert np.all(out[0] == 0) and np.isfinite(out).all()
+    np.testing.assert_allclose(out[1].sum(), 1, rtol=1e-6)
