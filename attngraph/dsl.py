@@ -18,6 +18,7 @@ from . import ir
 from .errors import AttngraphError, DTypeError, ShapeError, VerifyError
 from .initializers import initialize
 from .ir import Attrs, DType, Node, TensorType, Value, as_dtype, capture_source, format_shape, get_op
+from .ir.make import make_node
 from .ir.dtypes import promote, weak_scalar_dtype
 
 __all__ = ["Graph", "Tensor", "apply", "as_tensor", "binary", "scalar_like"]
@@ -281,21 +282,15 @@ def apply(op_name: str, inputs: Sequence["Tensor"], *, graph: Graph | None = Non
         names = ", ".join(repr(g.name) for g in graphs.values())
         raise VerifyError(f"{op_name} mixes tensors of different graphs ({names})", where=_where())
     (g,) = graphs.values()
-    types = [t.type for t in inputs]
     try:
-        if op.normalize is not None:
-            attrs = op.normalize(types, dict(attrs))
-        frozen = Attrs(attrs)
-        out = op.infer(*types, **frozen)
+        node = make_node(op_name, [t.value for t in inputs], attrs, source=capture_source(),
+                         scope=tuple(getattr(g, "_scope", ())))
     except AttngraphError as err:
-        shapes = " and ".join(format_shape(t.shape) for t in types)
-        prefix = f"{op_name} of {shapes}" if types else op_name
+        shapes = " and ".join(format_shape(t.shape) for t in inputs)
+        prefix = f"{op_name} of {shapes}" if inputs else op_name
         raise err.located(prefix, _where()) from None
-    out_types = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    node = Node(op_name, tuple(t.value for t in inputs), frozen, out_types,
-                source=capture_source(), scope=tuple(getattr(g, "_scope", ())))
     g.add_node(node)
-    if isinstance(out, (tuple, list)):
+    if op.multiple_outputs:
         return tuple(Tensor(g, v) for v in node.outputs())
     return Tensor(g, node.out)
 

@@ -185,7 +185,7 @@ def _split_reference(x, *, sizes, axis):
 
 register(OpDef(
     "split", infer=_split_infer, normalize=_split_normalize, reference=_split_reference, shape_attrs=("sizes",),
-    fusion=Fusion.INJECTIVE,
+    fusion=Fusion.INJECTIVE, multiple_outputs=True,
     examples=lambda rng: [Example((rng.standard_normal((2, 9)).astype(np.float32),), {"sizes": 3, "axis": 1}),
                           Example((rng.standard_normal((5, 2)).astype(np.float32),), {"sizes": (1, 4), "axis": 0})],
     bad_cases=(BadCase(((DType.float32, (2, 9)),), {"sizes": 2, "axis": 1}, label="not divisible"),
@@ -219,8 +219,7 @@ def narrow(x, axis: int, start, length):
 
 def split(x, sizes, axis: int = 0) -> list[Tensor]:
     """``n`` equal parts or parts of the given ``sizes`` along ``axis`` (a list of Tensors)."""
-    parts = apply("split", [x], sizes=sizes, axis=axis)
-    return list(parts) if isinstance(parts, tuple) else [parts]
+    return list(apply("split", [x], sizes=sizes, axis=axis))
 
 
 def squeeze(x, axis=None):

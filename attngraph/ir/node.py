@@ -57,6 +57,8 @@ class Node:
     name: str | None = None
     source: Source | None = None
     scope: tuple[str, ...] = ()
+    # For nodes a pass made: the user's lines of the nodes it replaced (kernel headers, explain).
+    origin: tuple[Source, ...] = ()
     id: int = field(default_factory=lambda: next(_ids))
 
     @property

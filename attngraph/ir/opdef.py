@@ -62,6 +62,7 @@ class OpDef:
     shape_attrs: tuple[str, ...] = ()
     grad: Callable[..., Any] | None = None
     differentiable: bool = True
+    multiple_outputs: bool = False      # infer returns a tuple; the DSL returns a tuple of Tensors
     cpu: Any = None
     cuda: Any = None
     fusion: Fusion = Fusion.OPAQUE
