@@ -1,0 +1,121 @@
+"""attention: fused scaled dot-product attention, softmax(q kᵀ · scale + bias, masked) v.
+
+The optimizer introduces it (passes/fuse_attention.py) and users may call it directly as
+``ag.attention`` (like torch's scaled_dot_product_attention). A query row whose keys are
+all masked gives zeros, as the softmax contract says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from attngraph.dsl import apply, as_tensor
+from attngraph.errors import ShapeError
+from attngraph.ir import BadCase, DType, Example, Fusion, OpDef, TensorType, register
+from attngraph.ir.rules import require_dtype, require_float, require_same_dtype
+from attngraph.ir.shapes import broadcast_shapes, dim_mul, dim_product, format_shape
+
+__all__ = ["attention"]
+
+
+def _infer(q, k, v, *extra, scale, causal, has_bias, has_mask):
+    require_float(q, "q")
+    require_same_dtype(q, k, v)
+    if q.rank < 2 or k.rank != q.rank or v.rank != q.rank:
+        raise ShapeError(f"q, k, v need the same rank >= 2; got {format_shape(q.shape)}, {format_shape(k.shape)}, "
+                         f"{format_shape(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"k and v have different numbers of keys: {k.shape[-2]} vs {v.shape[-2]}")
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    scores = batch + (q.shape[-2], k.shape[-2])
+    if len(extra) != int(has_bias) + int(has_mask):
+        raise ShapeError(f"attention got {len(extra)} extra inputs for has_bias={has_bias}, has_mask={has_mask}")
+    rest = list(extra)
+    if has_bias:
+        bias = rest.pop(0)
+        require_same_dtype(q, bias)
+        if broadcast_shapes(bias.shape, scores) != scores:
+            raise ShapeError(f"bias {format_shape(bias.shape)} does not broadcast to the scores {format_shape(scores)}")
+    if has_mask:
+        mask = rest.pop(0)
+        require_dtype(mask, DType.bool, "mask")
+        if broadcast_shapes(mask.shape, scores) != scores:
+            raise ShapeError(f"mask {format_shape(mask.shape)} does not broadcast to the scores {format_shape(scores)}")
+    if not scale > 0:
+        raise ShapeError(f"attention scale must be positive, got {scale}")
+    return TensorType(q.dtype, batch + (q.shape[-2], v.shape[-1]))
+
+
+def reference_scores(q, k, *extra, scale, causal, has_bias, has_mask):
+    """The masked, scaled scores (−inf where masked); shared by the reference and the tests."""
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * q.dtype.type(scale)
+    rest = list(extra)
+    if has_bias:
+        s = s + rest.pop(0)
+    if has_mask:
+        s = np.where(rest.pop(0), -np.inf, s)
+    if causal:
+        tq, tk = s.shape[-2], s.shape[-1]
+        s = np.where(np.triu(np.ones((tq, tk), bool), 1), -np.inf, s)
+    return s.astype(q.dtype)
+
+
+def _reference(q, k, v, *extra, scale, causal, has_bias, has_mask):
+    s = reference_scores(q, k, *extra, scale=scale, causal=causal, has_bias=has_bias, has_mask=has_mask)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0, m)
+    e = np.exp(s - m)
+    z = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(z == 0, 1, z)
+    return np.matmul(p, v).astype(q.dtype)
+
+
+def _flops(in_types, out_types, **attrs):
+    q, k, v = in_types[:3]
+    batch = dim_product(out_types[0].shape[:-2])
+    return dim_mul(dim_mul(2, batch), dim_mul(dim_mul(q.shape[-2], k.shape[-2]), q.shape[-1] + v.shape[-1]))
+
+
+def _examples(rng):
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    plain = {"scale": 0.5, "causal": False, "has_bias": False, "has_mask": False}
+    padding = rng.random((2, 1, 1, 6)) > 0.6
+    padding[1, ..., :] = True  # a sequence with every key padded: its rows are zeros
+    return [
+        Example((f(2, 3, 5, 4), f(2, 3, 6, 4), f(2, 3, 6, 3)), plain, "plain"),
+        Example((f(2, 3, 6, 4), f(2, 3, 6, 4), f(2, 3, 6, 4)), dict(plain, causal=True), "causal"),
+        Example((f(2, 3, 5, 4), f(2, 3, 6, 4), f(2, 3, 6, 3), f(1, 1, 5, 6)), dict(plain, has_bias=True), "bias"),
+        Example((f(2, 3, 5, 4), f(2, 3, 6, 4), f(2, 3, 6, 3), padding), dict(plain, has_mask=True),
+                "fully masked rows"),
+        Example((f(4, 5, 8).astype(np.float64),) * 3, dict(plain, scale=1 / math.sqrt(8), causal=True), "float64"),
+    ]
+
+
+register(OpDef(
+    "attention", infer=_infer, reference=_reference, fusion=Fusion.OPAQUE, flops=_flops, examples=_examples,
+    bad_cases=(
+        BadCase(((DType.float32, (2, 5, 4)), (DType.float32, (2, 6, 8)), (DType.float32, (2, 6, 4))),
+                {"scale": 1.0, "causal": False, "has_bias": False, "has_mask": False}, label="head dims"),
+        BadCase(((DType.float32, (2, 5, 4)), (DType.float32, (2, 6, 4)), (DType.float32, (2, 6, 4)),
+                 (DType.float32, (2, 5, 6))),
+                {"scale": 1.0, "causal": False, "has_bias": False, "has_mask": True}, error="DTypeError",
+                label="float mask"),
+    ),
+    doc="softmax(q kᵀ · scale + bias, −inf where mask or above the diagonal when causal) v; "
+        "fully masked rows give zeros.", family="attention"))
+
+
+def attention(q, k, v, bias=None, mask=None, scale: float | None = None, causal: bool = False):
+    """Scaled dot-product attention over the last two axes (torch's scaled_dot_product_attention).
+
+    ``bias`` is added to the scores (float, broadcast); ``mask`` is bool, True where a key
+    may NOT be attended (as ``ag.mask``); ``causal`` hides keys after the query (top-left aligned).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    extra = [as_tensor(t, q.graph) for t in (bias, mask) if t is not None]
+    return apply("attention", [q, k, v, *extra], scale=scale, causal=bool(causal),
+                 has_bias=bias is not None, has_mask=mask is not None)
