@@ -74,7 +74,7 @@ class Graph(ir.Graph):
             arr = arr.astype(np.float32)
         ttype = TensorType(as_dtype(arr.dtype), arr.shape)
         tensor = self._source("const", name, ttype)
-        self.values[name] = np.ascontiguousarray(arr)
+        self.values[name] = np.array(arr, order="C")  # a copy; keeps 0-d arrays 0-d
         return tensor
 
     def output(self, name: str, tensor: "Tensor") -> "Tensor":

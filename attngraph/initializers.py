@@ -64,4 +64,4 @@ def initialize(init, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Gen
         arr = np.asarray(init)
     if arr.shape != tuple(shape):
         raise AttngraphError(f"initial value has shape {arr.shape}, but the parameter is declared {tuple(shape)}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return np.array(arr, dtype=dtype, order="C")  # a copy; keeps 0-d arrays 0-d

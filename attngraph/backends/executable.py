@@ -36,7 +36,7 @@ class ParamStore(MutableMapping):
         if arr.dtype != ttype.dtype.numpy:
             if not (arr.dtype.kind == "f" and ttype.dtype.is_float):
                 raise FeedError(f"parameter {name!r} is {ttype.dtype}, got {arr.dtype}")
-        self._arrays[name] = np.ascontiguousarray(arr, dtype=ttype.dtype.numpy)
+        self._arrays[name] = np.array(arr, dtype=ttype.dtype.numpy, order="C")
 
     def __delitem__(self, name):
         raise FeedError("parameters cannot be removed from an executable")

@@ -47,10 +47,11 @@ def verify(graph: Graph) -> None:
     for name, value in graph.outputs.items():
         if value.node.id not in seen:
             raise VerifyError(f"output {name!r} refers to a node outside the graph")
-    for name, node in graph.params.items():
-        arr = graph.values.get(name)
-        if arr is not None and (arr.shape != node.type.shape or arr.dtype != node.type.dtype.numpy):
-            raise VerifyError(f"param {name!r} is declared {node.type} but holds {arr.dtype}{arr.shape}")
+    for kind, table in (("param", graph.params), ("const", graph.consts)):
+        for name, node in table.items():
+            arr = graph.values.get(name)
+            if arr is not None and (arr.shape != node.type.shape or arr.dtype != node.type.dtype.numpy):
+                raise VerifyError(f"{kind} {name!r} is declared {node.type} but holds {arr.dtype}{arr.shape}")
     if not nx.is_directed_acyclic_graph(graph.to_networkx()):
         raise VerifyError(f"graph {graph.name!r} has a cycle")
 

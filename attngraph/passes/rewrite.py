@@ -121,7 +121,7 @@ class Rewriter:
 
     def const(self, array: np.ndarray, hint: str = "c") -> Value:
         """A new const in the new graph."""
-        array = np.ascontiguousarray(array)
+        array = np.array(array, order="C")  # keeps 0-d arrays 0-d
         name = _fresh_name(self.graph, f"_{hint}")
         from ..ir import Attrs, TensorType, as_dtype
 

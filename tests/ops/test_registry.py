@@ -84,6 +84,19 @@ def _cast_oracle(x, dtype):
     return T(x).to(table[str(dtype)]).numpy()
 
 
+def _attention_oracle(q, k, v, *extra, scale, causal, has_bias, has_mask):
+    s = torch.matmul(T(q), T(k).transpose(-1, -2)) * scale
+    rest = list(extra)
+    if has_bias:
+        s = s + T(rest.pop(0))
+    if has_mask:
+        s = s.masked_fill(T(rest.pop(0)), -math.inf)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return torch.matmul(p, T(v)).numpy()
+
+
 # op name → oracle(*inputs, **attrs). Independent of attngraph's references.
 ORACLES = {
     "add": lambda a, b: (T(a) + T(b)).numpy(),
@@ -140,6 +153,7 @@ ORACLES = {
     "full": lambda shape, value, dtype: torch.full(shape, value, dtype=getattr(torch, str(dtype))).numpy(),
     "arange": lambda stop, dtype: torch.arange(stop, dtype=getattr(torch, str(dtype))).numpy(),
     "trilu": _trilu_oracle,
+    "attention": _attention_oracle,
     # conv family: checked against torch in tests/ops/test_conv_family.py with many configurations.
     "conv2d": None, "conv_transpose2d": None, "max_pool2d": None, "avg_pool2d": None, "upsample": None,
     "patchify": None, "pad": None,
