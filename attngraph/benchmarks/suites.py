@@ -188,3 +188,57 @@ def compile_suite():
             raw.append(dict(r, label=label))
     header = ["4-layer encoder", "import s", "compile s", "first run s", "compile + first run s"]
     return markdown_table(header, rows), raw
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, math, sys
+    import numpy as np
+    import attngraph as ag
+    from attngraph.benchmarks.suites import attention_graph
+
+    def rss_kib(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    T, causal = int(sys.argv[1]), sys.argv[2] == "1"
+    shape = (1, 8, T, 64)
+    exe = ag.compile(attention_graph(shape, causal), backend="cpu")
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(shape).astype(np.float32) for n in "qkv"}
+    exe.run(feeds)                          # compile, plan and allocate the buffers once
+    reset_peak()
+    before = rss_kib("VmRSS")
+    out = exe.run(feeds)
+    peak = rss_kib("VmHWM")
+    print(json.dumps({"extra_mib": (peak - before) / 1024, "output_mib": out["o"].nbytes / 2**20,
+                      "scores_mib": 8 * T * T * 4 / 2**20}))
+""")
+
+
+def memory_suite(lengths=(4096, 16384)):
+    """Peak resident memory added by one run of a compiled attention graph (fresh process per case),
+    next to the size of the T×T score matrix that an unfused implementation materialises."""
+    rows, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "memory.py")
+        with open(script, "w") as f:
+            f.write(_MEMORY_SCRIPT)
+        for T in lengths:
+            for causal in (False, True):
+                out = subprocess.run([sys.executable, script, str(T), str(int(causal))], capture_output=True,
+                                     text=True, timeout=900)
+                if out.returncode:
+                    raise RuntimeError(out.stderr)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append([f"(1, 8, {T}, 64)", "causal" if causal else "", r["extra_mib"], r["output_mib"],
+                             r["scores_mib"]])
+                raw.append(dict(r, T=T, causal=causal))
+    header = ["(B, H, T, D)", "mask", "peak extra MiB (run, incl. returned output)", "output MiB",
+              "T×T scores would be MiB"]
+    return markdown_table(header, rows), raw
