@@ -81,9 +81,12 @@ def _canonical(x_shape, attrs: dict) -> dict:
             raise ShapeError("give only one of size and scale_factor")
         size = None
     if scales is not None:
-        scales = tuple(float(s) for s in _pair_of(scales, "scale_factor"))
+        try:
+            scales = tuple(float(s) for s in _pair_of(scales, "scale_factor"))
+        except (TypeError, ValueError):
+            raise ShapeError(f"scale_factor must be a number or an (h, w) pair of numbers, got {scales!r}") from None
         if min(scales) <= 0 or not all(math.isfinite(s) for s in scales):
-            raise ShapeError(f"scale_factor must be positive, got {scale_factor if scale_factor is not None else scales}")
+            raise ShapeError(f"scale_factor must be positive and finite, got {scales}")
         size = _out_sizes(x_shape[-2:], None, scales)
     elif size is not None:
         size = tuple(normalize_dim(d) for d in _pair_of(size, "size"))
