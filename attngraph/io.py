@@ -65,29 +65,32 @@ def save_safetensors(tensors: Mapping[str, Any], path: PathLike, *, metadata: Ma
         arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
     import safetensors.numpy
 
-    try:
-        data = safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
-    except Exception as err:  # safetensors' own error type varies between versions
-        raise SerializationError(f"cannot encode weights for {os.fspath(path)}: {err}") from err
-    _atomic_write(pathlib.Path(path), data)
+    def write(tmp: str) -> None:
+        try:
+            safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors' own error type varies between versions
+            raise SerializationError(f"cannot encode weights for {os.fspath(path)}: {err}") from err
+
+    _atomic_write(pathlib.Path(path), write)
 
 
 def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     """Read a safetensors file into name → writable numpy array (never unpickles anything)."""
     path = pathlib.Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SerializationError(f"weights file {path} does not exist") from None
-    except OSError as err:
-        raise SerializationError(f"cannot read weights file {path}: {err.strerror or err}") from None
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise SerializationError(f"weights file {path} {what}")
     import safetensors.numpy
 
     try:
-        loaded = safetensors.numpy.load(data)
+        loaded = safetensors.numpy.load_file(path)
+    except OSError as err:
+        raise SerializationError(f"cannot read weights file {path}: {err.strerror or err}") from None
     except Exception as err:  # SafetensorError, or a dtype numpy lacks
         raise SerializationError(f"weights file {path} is not a valid safetensors file: {err}") from None
-    return {name: np.array(arr, copy=True) if not arr.flags.writeable else arr for name, arr in loaded.items()}
+    return {name: arr if arr.flags.writeable else arr.copy() for name, arr in loaded.items()}
 
 
 def _to_numpy(value: Any, name: str) -> np.ndarray:
@@ -101,7 +104,9 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise SerializationError(f"weight {name!r} is not an array: {type(value).__name__}") from err
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def _atomic_write(path: pathlib.Path, data) -> None:
+    """Write ``data`` (bytes, or a function that writes a given file name) to ``path`` atomically:
+    to a temporary file in the same folder, renamed over ``path`` once complete."""
     folder = path.parent if str(path.parent) else pathlib.Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -109,7 +114,10 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise SerializationError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+        if not isinstance(data, bytes):
+            data(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -158,7 +166,7 @@ def _dump_json(doc: dict) -> str:
 
 
 def _declared_shape(graph, name: str, arr: np.ndarray) -> np.ndarray:
-    """A weight in the shape its node declares (a 0-d const may be held as shape (1,))."""
+    """A weight in the shape its node declares (a hand-built graph may hold a 0-d const as shape (1,))."""
     node = graph.params.get(name) or graph.consts.get(name)
     if node is not None and arr.shape != node.type.shape and all(isinstance(d, int) for d in node.type.shape):
         if arr.size == int(np.prod(node.type.shape, dtype=np.int64)):
@@ -192,7 +200,9 @@ def load_graph(path: PathLike):
         graph = _graph_from_json(doc, Graph)
     except SerializationError as err:
         raise SerializationError(f"graph file {path}: {err.message}", hint=err.hint) from None
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, AttngraphError) as err:
+    except AttngraphError as err:  # a bad shape or dtype, a repeated name
+        raise SerializationError(f"graph file {path} is malformed: {err.message}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
         raise SerializationError(f"graph file {path} is malformed: {what}") from None
 
@@ -325,10 +335,10 @@ def _decode_type(doc: dict) -> TensorType:
 # {"__dict__": {...}}       a nested mapping (kept apart from the markers above)
 
 def _encode_attr(value: Any, node: Node, key: str) -> Any:
+    if isinstance(value, DType):  # before str: DType is a str Enum
+        return {"__dtype__": value.value}
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, DType):
-        return {"__dtype__": value.value}
     if isinstance(value, int):
         return value
     if isinstance(value, float):

@@ -1,0 +1,266 @@
+"""The ``attngraph`` command.
+
+    attngraph info model.json --dim B=8 --dim T=128    what a saved graph holds and costs
+    attngraph render model.json -o model.svg --max-depth 2
+
+Each subcommand is one entry in :data:`SUBCOMMANDS` (name → :class:`Subcommand`): a
+function that adds its arguments and a function that runs it and returns the exit
+status. Errors a user can cause (a missing or corrupt file, a bad option) print one
+line on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .errors import AttngraphError
+
+__all__ = ["main", "SUBCOMMANDS", "Subcommand", "graph_cost", "GraphCost"]
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class GraphCost:
+    """What one run of a graph costs, with its symbolic dims bound."""
+
+    bindings: dict[str, int]
+    unbound: list[str]        # symbols that were not given and count as 1
+    flops: int
+    activation_bytes: int     # every op output, no buffer reuse
+    input_bytes: int
+    not_counted: Counter      # op → nodes without a flops rule
+
+
+def graph_cost(graph, dims: dict[str, int] | None = None) -> GraphCost:
+    """FLOPs and activation bytes of one run; symbols missing from ``dims`` count as 1."""
+    from .ir import SOURCE_OPS, dim_product, eval_dim, get_op, has_op, shape_symbols
+
+    dims = dict(dims or {})
+    flop_dims = []
+    not_counted: Counter = Counter()
+    symbols: set[str] = set()
+    for node in graph.nodes:
+        for t in node.types:
+            symbols |= shape_symbols(t.shape)
+        if node.op in SOURCE_OPS:
+            continue
+        rule = get_op(node.op).flops if has_op(node.op) else None
+        if rule is None:
+            not_counted[node.op] += 1
+            continue
+        try:
+            d = rule([v.type for v in node.inputs], list(node.types), **node.attrs)
+            symbols |= shape_symbols([d])
+        except Exception:  # a flops rule that cannot handle this node: say so, don't die
+            not_counted[node.op] += 1
+            continue
+        flop_dims.append(d)
+    unbound = sorted(s for s in symbols if s not in dims)
+    bindings = {**{s: 1 for s in unbound}, **dims}
+    flops = sum(eval_dim(d, bindings) for d in flop_dims)
+    act = inputs = 0
+    for node in graph.nodes:
+        if node.op in ("param", "const"):
+            continue
+        size = sum(eval_dim(dim_product(t.shape), bindings) * t.dtype.itemsize for t in node.types)
+        if node.op == "input":
+            inputs += size
+        else:
+            act += size
+    return GraphCost(bindings, unbound, int(flops), act, inputs, not_counted)
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a saved graph (.json, with its .safetensors beside it)")
+    p.add_argument("--dim", action="append", default=[], type=_dim_binding, metavar="NAME=SIZE",
+                   help="bind a symbolic dimension, e.g. --dim B=8 (repeatable; unbound ones count as 1)")
+
+
+def _dim_binding(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    try:
+        size = int(value)
+    except ValueError:
+        size = -1
+    if not sep or not name.isidentifier() or size < 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE like B=8, got {text!r}")
+    return name, size
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .io import load_graph
+    from .ir import dim_product, eval_dim
+
+    graph = load_graph(args.file)
+    dims = dict(args.dim)
+    cost = graph_cost(graph, dims)
+    out = []
+    out.append(f"graph {graph.name!r}  ({args.file})")
+    width = max([len(n) for n in (*graph.inputs, *graph.outputs)] + [1])
+    out.append(f"inputs ({len(graph.inputs)}):")
+    for name, node in graph.inputs.items():
+        out.append(f"  {name:<{width}}  {_type_text(node.type)}")
+    out.append(f"outputs ({len(graph.outputs)}):")
+    for name, value in graph.outputs.items():
+        out.append(f"  {name:<{width}}  {_type_text(value.type)}")
+    ops = Counter(n.op for n in graph.nodes if n.op not in ("input", "param", "const"))
+    out.append(f"ops ({sum(ops.values())} nodes, {len(ops)} kinds):")
+    op_width = max([len(op) for op in ops] + [1])
+    for op, count in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])):
+        out.append(f"  {op:<{op_width}}  {count}")
+    for kind, table in (("parameters", graph.params), ("constants", graph.consts)):
+        count = sum(eval_dim(dim_product(n.type.shape), {}) for n in table.values())
+        nbytes = sum(eval_dim(dim_product(n.type.shape), {}) * n.type.dtype.itemsize for n in table.values())
+        out.append(f"{kind}: {_plural(len(table), 'tensor')}, {_plural(count, 'value')}, {_bytes(nbytes)}")
+    if cost.bindings:
+        parts = [f"{s}={v}" for s, v in sorted(cost.bindings.items())]
+        out.append(f"dims: {', '.join(parts)}")
+        if cost.unbound:
+            names = ", ".join(cost.unbound)
+            out.append(f"  (unbound, counted as 1: {names}; bind with --dim {cost.unbound[0]}=N)")
+    extra = sorted(s for s in dims if s not in _graph_symbols(graph))
+    if extra:
+        out.append(f"  (note: the graph has no dim named {', '.join(extra)})")
+    out.append(f"FLOPs (one run): {_si(cost.flops)}FLOP ({cost.flops:,})")
+    out.append(f"activations (one run): {_bytes(cost.activation_bytes)}  (every op output, no buffer reuse; "
+               f"inputs {_bytes(cost.input_bytes)})")
+    if cost.not_counted:
+        items = [op if c == 1 else f"{op}×{c}" for op, c in sorted(cost.not_counted.items())]
+        out.append(f"not counted (no flops rule): {', '.join(items)}")
+    print("\n".join(out))
+    return 0
+
+
+def _graph_symbols(graph) -> set[str]:
+    from .ir import shape_symbols
+
+    names: set[str] = set()
+    for node in graph.nodes:
+        for t in node.types:
+            names |= shape_symbols(t.shape)
+    return names
+
+
+def _type_text(t) -> str:
+    from .ir import format_shape
+
+    return f"{t.dtype} {format_shape(t.shape)}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:g} "
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------------------------
+# render
+# ----------------------------------------------------------------------------------------
+
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a saved graph (.json)")
+    p.add_argument("-o", "--output", help="where to draw it: .svg, .png, .pdf, .dot or .gv "
+                                          "(default: FILE with .svg)")
+    p.add_argument("--max-depth", type=int, default=None, metavar="N",
+                   help="fold scopes deeper than N levels into one box each")
+    p.add_argument("--title", default=None, help="title above the diagram (default: the graph's name)")
+    p.add_argument("--no-source", action="store_true", help="leave out the source lines")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .io import load_graph
+    from .render import FORMATS, RenderWarning, render
+
+    if args.max_depth is not None and args.max_depth < 0:
+        raise CLIError(f"--max-depth must be 0 or more, got {args.max_depth}")
+    output = args.output or os.path.splitext(args.file)[0] + ".svg"
+    if os.path.splitext(output)[1].lower() not in FORMATS:
+        raise CLIError(f"cannot draw to {output}: use a name ending in {', '.join(FORMATS)}")
+    graph = load_graph(args.file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RenderWarning)
+        written = render(graph, output, max_depth=args.max_depth, title=args.title,
+                         show_source=not args.no_source)
+    for w in caught:
+        if issubclass(w.category, RenderWarning):
+            print(f"attngraph: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(f"wrote {written}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "info": Subcommand("summarize a saved graph: inputs, outputs, ops, parameters, FLOPs", _info_args, cmd_info),
+    "render": Subcommand("draw a saved graph (SVG, PNG, PDF or DOT)", _render_args, cmd_render),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attngraph",
+                                     description="A static computation-graph compiler for attention models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attngraph`` command; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except AttngraphError as err:
+        message = err.message + (f" (hint: {err.hint})" if err.hint else "")
+    except (CLIError, OSError) as err:
+        message = str(err)
+    print(f"attngraph: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
