@@ -17,6 +17,7 @@ __all__ = [
     "VerifyError",
     "SerializationError",
     "GradError",
+    "RenderWarning",
 ]
 
 
@@ -78,3 +79,7 @@ class SerializationError(AttngraphError):
 
 class GradError(AttngraphError):
     """A gradient was asked of something that has none."""
+
+
+class RenderWarning(UserWarning):
+    """A diagram could not be drawn as asked (e.g. graphviz's ``dot`` is not installed)."""

@@ -26,6 +26,7 @@ from collections import Counter
 
 import graphviz
 
+from .errors import RenderWarning
 from .ir import Graph, Node, format_shape, has_op
 
 __all__ = ["render", "to_dot", "RenderWarning", "FORMATS"]
@@ -42,9 +43,6 @@ _BOX_LISTED_OPS = 5      # a collapsed box names this many ops, then "..."
 _LARGE = 1500            # above this many drawn nodes, ask dot for a cheaper layout
 _FANOUT = 4              # an op read by more ops than this gets references beside the far readers
 
-
-class RenderWarning(UserWarning):
-    """A diagram could not be drawn as asked (e.g. graphviz's ``dot`` is not installed)."""
 
 
 def to_dot(graph: Graph, *, max_depth: int | None = None, title: str | None = None,
