@@ -26,6 +26,9 @@ class ParamStore(MutableMapping):
         except KeyError:
             raise FeedError(f"unknown parameter {name!r}; parameters are {', '.join(self._arrays) or '(none)'}") from None
 
+    def __contains__(self, name) -> bool:
+        return name in self._arrays
+
     def __setitem__(self, name, value):
         if name not in self._types:
             raise FeedError(f"unknown parameter {name!r}; parameters are {', '.join(self._types) or '(none)'}")
