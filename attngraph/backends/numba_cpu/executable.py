@@ -46,6 +46,7 @@ import numpy as np
 
 from ...ir import SOURCE_OPS, Graph
 from ...plan import VIEW_OPS, MemoryPlan, bindings_key, check_bindings, plan_memory
+from ..arrays import c_contiguous
 from ..executable import Executable
 from ..feeds import bind_feeds
 from ..numpy_ref import resolve_shape_attrs
@@ -145,7 +146,7 @@ class CpuExecutable(Executable):
     def __init__(self, graph: Graph, *, max_plans: int = 8):
         super().__init__(graph)
         self._nodes = graph.nodes
-        self._consts = {name: np.ascontiguousarray(graph.values[name]) for name in graph.consts}
+        self._consts = {name: c_contiguous(graph.values[name]) for name in graph.consts}
         self._kernels = {}
         self.kernel_sources: dict[str, str] = {}
         for node in self._nodes:
@@ -187,7 +188,7 @@ class CpuExecutable(Executable):
             program.allocate()
         env = list(program.template)
         for s, name in program.feeds:
-            env[s] = np.ascontiguousarray(feeds[name])
+            env[s] = c_contiguous(feeds[name])
         params = self.params
         for s, name in program.params:
             env[s] = params[name]

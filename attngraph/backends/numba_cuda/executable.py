@@ -46,6 +46,7 @@ import numpy as np
 from ...errors import BackendError
 from ...ir import SOURCE_OPS, DType, Fusion, Graph, Node, eval_shape, get_op
 from ...plan import VIEW_OPS, MemoryPlan, bindings_key, check_bindings, plan_memory
+from ..arrays import c_contiguous
 from ..executable import Executable
 from ..numpy_ref import resolve_shape_attrs
 
@@ -341,7 +342,7 @@ class _HostStep:
             result = self.reference(*arrays, **self.attrs)
         results = result if isinstance(result, (tuple, list)) else (result,)
         for ref, value in zip(self.outs, results):
-            value = np.ascontiguousarray(np.asarray(value, dtype=ref.dtype).reshape(ref.shape))
+            value = c_contiguous(np.asarray(value, dtype=ref.dtype).reshape(ref.shape))
             ref.arena.write(ref.offset * ref.dtype.itemsize, value)
 
 
@@ -420,7 +421,7 @@ class _Program:
                     result = op.reference(*args, **attrs)
                 results = result if isinstance(result, (tuple, list)) else (result,)
                 for key, shape, t, value in zip(keys, shapes, node.types, results):
-                    value = np.ascontiguousarray(np.asarray(value, dtype=t.dtype.numpy).reshape(shape))
+                    value = c_contiguous(np.asarray(value, dtype=t.dtype.numpy).reshape(shape))
                     host_values[key] = value
                     refs[key] = arena.upload(value)
                 return
@@ -496,9 +497,9 @@ class CudaExecutable(Executable):
         weights = K.Arena("weights")
         self._weight_refs = {}
         for name in graph.params:
-            self._weight_refs[name] = weights.upload(np.ascontiguousarray(self.params[name]))
+            self._weight_refs[name] = weights.upload(c_contiguous(self.params[name]))
         for name in graph.consts:
-            self._weight_refs[name] = weights.upload(np.ascontiguousarray(graph.values[name]))
+            self._weight_refs[name] = weights.upload(c_contiguous(graph.values[name]))
         weights.finalize()
         self._weights = weights
         self._param_seen = {name: self.params[name] for name in graph.params}
@@ -553,7 +554,7 @@ class CudaExecutable(Executable):
 
     def _upload_param(self, name: str, array: np.ndarray) -> None:
         ref = self._weight_refs[name]
-        self._weights.write(ref.offset * ref.dtype.itemsize, np.ascontiguousarray(array, dtype=ref.dtype))
+        self._weights.write(ref.offset * ref.dtype.itemsize, c_contiguous(array, dtype=ref.dtype))
         self._param_seen[name] = array
 
     def _sync_changed_params(self) -> None:
@@ -568,7 +569,7 @@ class CudaExecutable(Executable):
         program = self._program(bindings)
         self._sync_changed_params()
         for name, dev, ref in program.input_copies:
-            host = np.ascontiguousarray(feeds[name])
+            host = c_contiguous(feeds[name])
             dev.copy_to_device(host.reshape(-1).view(np.uint8))
         for run in program.runs:
             run()

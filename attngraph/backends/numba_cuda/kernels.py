@@ -58,6 +58,7 @@ from numba import cuda
 from numba.core import config as numba_config
 
 from ...ir import DType, TensorType, as_dtype, get_op
+from ..arrays import c_contiguous
 
 __all__ = [
     "SIMULATOR", "Tiles", "GPU_TILES", "SIM_TILES", "default_tiles", "Arena", "Ref", "Arg", "Sub", "Launch",
@@ -154,7 +155,7 @@ class Arena:
 
     def upload(self, array: np.ndarray) -> "Ref":
         """A tensor holding ``array`` once the arena is made."""
-        array = np.ascontiguousarray(array)
+        array = c_contiguous(array)
         ref = self.tensor(array.shape, array.dtype)
         self._uploads.append((ref.offset * array.dtype.itemsize, array))
         return ref
@@ -1565,7 +1566,7 @@ def _run(arena: Arena, launches: Sequence[Launch]) -> None:
 
 
 def _f32(x) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return c_contiguous(x, dtype=np.float32)
 
 
 def sgemm(a, b, *, tiles: Tiles | None = None) -> np.ndarray:
@@ -1635,7 +1636,7 @@ def elementwise(expr, *inputs, out_dtype=None, tiles: Tiles | None = None) -> np
     """Evaluate a fused expression (ops/fused.py's form) on the device."""
     from attngraph.ops.fused import expression_type
 
-    arrays = [np.ascontiguousarray(x) for x in inputs]
+    arrays = [c_contiguous(x) for x in inputs]
     ttype = expression_type(expr, [TensorType(as_dtype(a.dtype), a.shape) for a in arrays])
     arena = Arena("elementwise")
     refs = [arena.upload(a) for a in arrays]
@@ -1646,8 +1647,8 @@ def elementwise(expr, *inputs, out_dtype=None, tiles: Tiles | None = None) -> np
 
 
 def gather(data, indices, axis: int = 0, *, tiles: Tiles | None = None) -> np.ndarray:
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    indices = np.ascontiguousarray(indices)
+    data = c_contiguous(data, dtype=np.float32)
+    indices = c_contiguous(indices)
     axis = axis % data.ndim
     arena = Arena("gather")
     rd, ri = arena.upload(data), arena.upload(indices)
