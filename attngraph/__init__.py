@@ -38,13 +38,16 @@ from .ir import DType, TensorType
 from . import ops as ops  # noqa: E402  (registers every op; ops/ is shipped as attngraph.ops)
 from .ops import *  # noqa: E402,F401,F403  (the op functions: ag.softmax, ag.matmul, ...)
 from .compiler import compile  # noqa: E402
+from .autodiff import grad  # noqa: E402
 from . import io  # noqa: E402
+from . import nn  # noqa: E402  (torch-compatible modules; needs the ops)
+from . import train  # noqa: E402
 
 float32, float64, int32, int64, bool_ = (DType.float32, DType.float64, DType.int32, DType.int64, DType.bool)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph", "Tensor", "DType", "TensorType", "compile", "errors", "ir", "io", "ops",
+    "Graph", "Tensor", "DType", "TensorType", "compile", "grad", "errors", "ir", "io", "nn", "ops", "train",
     "float32", "float64", "int32", "int64", "bool_",
 ] + list(ops.__all__)

@@ -95,8 +95,15 @@ def _examples(rng):
     ]
 
 
+def _grad(ctx, g):
+    from .attention_grad import attention_vjp  # the backward op and its rule live in attention_grad.py
+
+    return attention_vjp(ctx, g)
+
+
 register(OpDef(
-    "attention", infer=_infer, reference=_reference, fusion=Fusion.OPAQUE, flops=_flops, examples=_examples,
+    "attention", infer=_infer, reference=_reference, grad=_grad, fusion=Fusion.OPAQUE, flops=_flops,
+    examples=_examples,
     bad_cases=(
         BadCase(((DType.float32, (2, 5, 4)), (DType.float32, (2, 6, 8)), (DType.float32, (2, 6, 4))),
                 {"scale": 1.0, "causal": False, "has_bias": False, "has_mask": False}, label="head dims"),

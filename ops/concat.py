@@ -39,6 +39,11 @@ def _reference(*arrays, axis):
     return np.concatenate(arrays, axis=axis)
 
 
+def _grad(ctx, g):
+    axis = ctx.attrs["axis"]
+    return list(apply("split", [g], sizes=tuple(x.shape[axis] for x in ctx.inputs), axis=axis))
+
+
 def _examples(rng):
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     return [Example((f(2, 1, 4), f(2, 3, 4)), {"axis": 1}, "class token"),
@@ -46,7 +51,7 @@ def _examples(rng):
 
 
 register(OpDef(
-    "concat", infer=_infer, reference=_reference, normalize=_normalize, fusion=Fusion.INJECTIVE,
+    "concat", infer=_infer, reference=_reference, normalize=_normalize, grad=_grad, fusion=Fusion.INJECTIVE,
     examples=_examples,
     bad_cases=(BadCase(((DType.float32, (2, 3)), (DType.float32, (4, 5))), {"axis": 0}, label="other dim differs"),
                BadCase(((DType.float32, (2, 3)), (DType.float32, (2, 3, 1))), {"axis": 0}, label="rank differs")),

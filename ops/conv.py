@@ -200,6 +200,96 @@ def _conv2d_examples(rng):
     ]
 
 
+# -- gradients -------------------------------------------------------------------------------
+# conv2d and conv_transpose2d are each other's adjoints w.r.t. the input. The weight gradient
+# correlates the output gradient with the windows of the (padded) input: the windows are cut
+# out once (one gather of a constant index table, or one slice per tap when a size is
+# symbolic) and contracted with a single batched matmul over the groups.
+
+def _conv_args(attrs):
+    return (as_pair(attrs.get("stride", 1), "stride"), as_pair(attrs.get("padding", 0), "padding"),
+            as_pair(attrs.get("dilation", 1), "dilation"), int(attrs.get("groups", 1)))
+
+
+def _pad_hw(t, padding):
+    ph, pw = padding
+    return apply("pad", [t], pads=((0, 0), (0, 0), (ph, ph), (pw, pw)), value=0.0) if ph or pw else t
+
+
+def _windows_of(xp, kernel, stride, dilation, out_hw):
+    """(N, C, Hp, Wp) → (N, C, kh·kw, Ho·Wo): the input under each kernel tap at each output position."""
+    n, c, hp, wp = xp.shape
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
+    if is_static((hp, wp, ho, wo)):
+        rows = np.arange(kh)[:, None, None, None] * dh + np.arange(ho)[None, None, :, None] * sh
+        cols = np.arange(kw)[None, :, None, None] * dw + np.arange(wo)[None, None, None, :] * sw
+        index = (rows * wp + cols).reshape(kh * kw, ho * wo).astype(np.int64)   # (taps, positions)
+        flat = xp.reshape(n, c, dim_mul(hp, wp))
+        return apply("gather", [flat, as_tensor(index, xp.graph)], axis=2)
+    taps = []  # a symbolic size: stride 1, one slice per tap
+    for i in range(kh):
+        for j in range(kw):
+            tap = apply("slice", [xp], starts=(None, None, i * dh, j * dw),
+                        stops=(None, None, dim_add(ho, i * dh), dim_add(wo, j * dw)), steps=(1, 1, 1, 1))
+            taps.append(tap.reshape(n, c, 1, dim_mul(ho, wo)))
+    return apply("concat", taps, axis=2) if len(taps) > 1 else taps[0]
+
+
+def _correlate(a, cols, groups: int):
+    """a (N, A, P) with windows (N, B, K, P) → (G, A/G, B/G·K), summed over N and the positions P."""
+    n, ach, p = a.shape
+    _, bch, k, _ = cols.shape
+    a = a.reshape(n, groups, ach // groups, p).transpose(1, 2, 0, 3).reshape(groups, ach // groups, -1)
+    cols = cols.reshape(n, groups, bch // groups * k, p).transpose(1, 0, 3, 2).reshape(groups, -1, bch // groups * k)
+    return a @ cols
+
+
+def _leftover(size, out, k, stride, pad, dilation):
+    """What a transposed conv must add (output_padding) to give back ``size`` from ``out``."""
+    extra = dim_sub(dim_add(size, 2 * pad - dilation * (k - 1) - 1), dim_mul(dim_sub(out, 1), stride))
+    if not isinstance(extra, int):
+        raise ShapeError(f"the input size {size} is symbolic and the gradient needs it static (stride {stride})")
+    return extra
+
+
+def _conv2d_grad(ctx, g):
+    x, w, *bias = ctx.inputs
+    stride, padding, dilation, groups = _conv_args(ctx.attrs)
+    n, _, h, wd = x.shape
+    _, _, kh, kw = w.shape
+    ho, wo = g.shape[-2:]
+    dx = dw = db = None
+    if ctx.needs[0]:
+        output_padding = (_leftover(h, ho, kh, stride[0], padding[0], dilation[0]),
+                          _leftover(wd, wo, kw, stride[1], padding[1], dilation[1]))
+        dx = apply("conv_transpose2d", [g, w], stride=stride, padding=padding, output_padding=output_padding,
+                   groups=groups, dilation=dilation)
+    if ctx.needs[1]:
+        cols = _windows_of(_pad_hw(x, padding), (kh, kw), stride, dilation, (ho, wo))   # (N, C, K, Ho·Wo)
+        dw = _correlate(g.reshape(n, w.shape[0], dim_mul(ho, wo)), cols, groups).reshape(w.shape)
+    if bias and ctx.needs[2]:
+        db = g.sum(axis=(0, 2, 3))
+    return [dx, dw] + ([db] if bias else [])
+
+
+def _conv_transpose2d_grad(ctx, g):
+    x, w, *bias = ctx.inputs
+    stride, padding, dilation, groups = _conv_args(ctx.attrs)
+    n, cin, h, wd = x.shape
+    _, _, kh, kw = w.shape
+    dx = dw = db = None
+    if ctx.needs[0]:
+        dx = apply("conv2d", [g, w], stride=stride, padding=padding, dilation=dilation, groups=groups)
+        if dx.shape != x.shape:  # output_padding >= stride (possible when dilation > stride)
+            dx = apply("slice", [dx], starts=(None,) * 4, stops=(None, None, h, wd), steps=(1,) * 4)
+    if ctx.needs[1]:
+        cols = _windows_of(_pad_hw(g, padding), (kh, kw), stride, dilation, (h, wd))     # (N, Cout, K, H·W)
+        dw = _correlate(x.reshape(n, cin, dim_mul(h, wd)), cols, groups).reshape(w.shape)
+    if bias and ctx.needs[2]:
+        db = g.sum(axis=(0, 2, 3))
+    return [dx, dw] + ([db] if bias else [])
+
+
 _F = DType.float32
 _CONV2D_BAD = (
     BadCase(((_F, (1, 3, 8, 8)), (_F, (4, 2, 3, 3))), label="wrong input channel count for weight"),
@@ -213,7 +303,7 @@ _CONV2D_BAD = (
 )
 
 register(OpDef(
-    "conv2d", infer=_conv2d_infer, reference=_conv2d_reference, normalize=_conv_normalize,
+    "conv2d", infer=_conv2d_infer, reference=_conv2d_reference, normalize=_conv_normalize, grad=_conv2d_grad,
     fusion=Fusion.OPAQUE, flops=_conv2d_flops, examples=_conv2d_examples, bad_cases=_CONV2D_BAD,
     doc="2-D convolution (cross-correlation) of x (N, C, H, W) with weight (O, C/groups, kh, kw) and an "
         "optional bias (O,), as torch.nn.functional.conv2d; attrs stride, padding, dilation (pairs), groups.",
@@ -314,6 +404,7 @@ _CONV_T_BAD = (
 
 register(OpDef(
     "conv_transpose2d", infer=_conv_transpose2d_infer, reference=_conv_transpose2d_reference,
+    grad=_conv_transpose2d_grad,
     normalize=_conv_normalize, fusion=Fusion.OPAQUE, flops=_conv_transpose2d_flops,
     examples=_conv_transpose2d_examples, bad_cases=_CONV_T_BAD,
     doc="2-D transposed convolution of x (N, C_in, H, W) with weight (C_in, C_out/groups, kh, kw) and an "

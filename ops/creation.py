@@ -70,6 +70,7 @@ def _trilu_reference(x, *, k, upper):
 
 register(OpDef(
     "trilu", infer=_trilu_infer, reference=_trilu_reference, fusion=Fusion.ELEMENTWISE,
+    grad=lambda ctx, g: [apply("trilu", [g], **ctx.attrs)],   # linear: the kept triangle passes the gradient
     examples=lambda rng: [Example((rng.standard_normal((2, 4, 5)).astype(np.float32),), {"k": 1, "upper": True}),
                           Example((rng.standard_normal((4, 4)).astype(np.float32),), {"k": 0, "upper": False}),
                           Example((np.ones((3, 3), bool),), {"k": 1, "upper": True}, "bool")],

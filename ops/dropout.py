@@ -21,6 +21,7 @@ def _infer(x, *, p):
 
 register(OpDef(
     "dropout", infer=_infer, reference=lambda x, *, p: x.copy(), fusion=Fusion.ELEMENTWISE, cpu="{0}",
+    grad=lambda ctx, g: [g],                                  # the inference identity
     examples=lambda rng: [Example((rng.standard_normal((3, 4)).astype(np.float32),), {"p": 0.1})],
     bad_cases=(BadCase(((DType.float32, (3,)),), {"p": 1.5}),),
     doc="Randomly zeroes entries during training; at inference (the only mode compiled so far) the identity.",

@@ -41,7 +41,21 @@ def _elementwise_flops(in_types, out_types, **attrs):
     return out_types[0].size
 
 
-def _unary(name, reference, cpu, *, float_only=True, positive=False, doc=""):
+def per_input(*rules):
+    """A grad rule from one function per input, ``rule(g, *inputs, y)`` → that input's gradient,
+    called only for the inputs that want one (a None rule: no gradient for that input)."""
+    def grad(ctx, g):
+        args = (*ctx.inputs, ctx.outputs[0])
+        return [rule(g, *args) if rule is not None and need else None for rule, need in zip(rules, ctx.needs)]
+    return grad
+
+
+def _no_grad(ctx, *out_grads):
+    """Bool results (comparisons, logic): no gradient flows back to the inputs."""
+    return [None] * len(ctx.inputs)
+
+
+def _unary(name, reference, cpu, *, grad, float_only=True, positive=False, doc=""):
     def infer(x):
         if float_only:
             require_float(x)
@@ -51,7 +65,8 @@ def _unary(name, reference, cpu, *, float_only=True, positive=False, doc=""):
 
     bad = (BadCase(((DType.int32, (3,)),), error="DTypeError", label="int input"),) if float_only else ()
     op = register(OpDef(name, infer=infer, reference=reference, cpu=cpu, fusion=Fusion.ELEMENTWISE,
-                        flops=_elementwise_flops, examples=_unary_examples(positive), bad_cases=bad,
+                        grad=per_input(grad), flops=_elementwise_flops, examples=_unary_examples(positive),
+                        bad_cases=bad,
                         doc=doc, family="elementwise"))
     return op
 
@@ -74,7 +89,7 @@ def _binary_examples(positive_rhs=False, positive_lhs=False):
 _BROADCAST_BAD = BadCase(((DType.float32, (3, 4)), (DType.float32, (5,))), label="shapes do not broadcast")
 
 
-def _binary_op(name, reference, cpu, *, float_only=False, result_dtype=None, examples=None, doc=""):
+def _binary_op(name, reference, cpu, *, grad, float_only=False, result_dtype=None, examples=None, doc=""):
     def infer(a, b):
         out = broadcast_types(a, b)
         if float_only:
@@ -84,7 +99,7 @@ def _binary_op(name, reference, cpu, *, float_only=False, result_dtype=None, exa
         return out.with_dtype(result_dtype) if result_dtype else out
 
     return register(OpDef(name, infer=infer, reference=reference, cpu=cpu, fusion=Fusion.ELEMENTWISE,
-                          flops=_elementwise_flops, examples=examples or _binary_examples(),
+                          grad=grad, flops=_elementwise_flops, examples=examples or _binary_examples(),
                           bad_cases=(_BROADCAST_BAD,), doc=doc, family="elementwise"))
 
 
@@ -98,7 +113,8 @@ def _compare_op(name, reference, cpu, doc):
         return broadcast_types(a, b, dtype=None).with_dtype(DType.bool)
 
     return register(OpDef(name, infer=infer, reference=reference, cpu=cpu, fusion=Fusion.ELEMENTWISE,
-                          flops=_elementwise_flops, examples=examples, bad_cases=(_BROADCAST_BAD,), doc=doc,
+                          grad=_no_grad, flops=_elementwise_flops, examples=examples, bad_cases=(_BROADCAST_BAD,),
+                          doc=doc,
                           family="elementwise"))
 
 
@@ -112,38 +128,67 @@ def _logical_op(name, reference, cpu, doc):
         return [Example((rng.random((3, 1, 4)) > 0.5, rng.random((2, 4)) > 0.5))]
 
     return register(OpDef(name, infer=infer, reference=reference, cpu=cpu, fusion=Fusion.ELEMENTWISE,
-                          flops=_elementwise_flops, examples=examples,
+                          grad=_no_grad, flops=_elementwise_flops, examples=examples,
                           bad_cases=(BadCase(((DType.bool, (3, 4)), (DType.bool, (5,)))),
                                      BadCase(((DType.float32, (3,)), (DType.bool, (3,))), error="DTypeError")),
                           doc=doc, family="elementwise"))
 
 
 # -- binary arithmetic --------------------------------------------------------------------
-_binary_op("add", np.add, "({0} + {1})", doc="a + b, broadcasting.")
-_binary_op("sub", np.subtract, "({0} - {1})", doc="a - b, broadcasting.")
-_binary_op("mul", np.multiply, "({0} * {1})", doc="a * b, broadcasting.")
+# Gradients come in the broadcast shape of the output; autodiff sums them back to each input.
+def _pow_exponent_grad(g, a, b, y):
+    # d(a**b)/db = a**b log(a); taken as 0 where a == 0 (torch's rule), NaN where a < 0.
+    return where(equal(a, 0.0), 0.0, g * y * log(a))
+
+
+def _selector_grad(wins):
+    """maximum/minimum: the gradient goes to the selected operand, split in half on ties (as torch)."""
+    def grad(ctx, g):
+        a, b = ctx.inputs
+        da = where(wins(a, b), g, where(equal(a, b), g * 0.5, 0.0))
+        return [da if ctx.needs[0] else None, g - da if ctx.needs[1] else None]
+    return grad
+
+
+_binary_op("add", np.add, "({0} + {1})", grad=per_input(lambda g, a, b, y: g, lambda g, a, b, y: g),
+           doc="a + b, broadcasting.")
+_binary_op("sub", np.subtract, "({0} - {1})", grad=per_input(lambda g, a, b, y: g, lambda g, a, b, y: -g),
+           doc="a - b, broadcasting.")
+_binary_op("mul", np.multiply, "({0} * {1})", grad=per_input(lambda g, a, b, y: g * b, lambda g, a, b, y: g * a),
+           doc="a * b, broadcasting.")
 _binary_op("div", np.divide, "({0} / {1})", float_only=True, examples=_binary_examples(positive_rhs=True),
+           grad=per_input(lambda g, a, b, y: g / b, lambda g, a, b, y: -(g * y) / b),
            doc="a / b (true division; float only).")
 _binary_op("pow", np.power, "({0} ** {1})", float_only=True, examples=_binary_examples(positive_lhs=True),
+           grad=per_input(lambda g, a, b, y: g * b * pow(a, b - 1.0), _pow_exponent_grad),
            doc="a ** b, broadcasting (float only).")
-_binary_op("maximum", np.maximum, "max({0}, {1})", doc="Elementwise maximum.")
-_binary_op("minimum", np.minimum, "min({0}, {1})", doc="Elementwise minimum.")
+_binary_op("maximum", np.maximum, "max({0}, {1})", grad=_selector_grad(lambda a, b: greater(a, b)),
+           doc="Elementwise maximum.")
+_binary_op("minimum", np.minimum, "min({0}, {1})", grad=_selector_grad(lambda a, b: less(a, b)),
+           doc="Elementwise minimum.")
 
 # -- unary math ---------------------------------------------------------------------------
-_unary("neg", np.negative, "(-{0})", float_only=False, doc="-x")
-_unary("abs", np.abs, "abs({0})", float_only=False, doc="|x|")
-_unary("exp", np.exp, "math.exp({0})", doc="e ** x")
-_unary("log", np.log, "math.log({0})", positive=True, doc="Natural logarithm.")
-_unary("sqrt", np.sqrt, "math.sqrt({0})", positive=True, doc="Square root.")
-_unary("rsqrt", lambda x: (1 / np.sqrt(x)).astype(x.dtype), "(1.0 / math.sqrt({0}))", positive=True,
-       doc="1 / sqrt(x)")
-_unary("tanh", np.tanh, "math.tanh({0})", doc="Hyperbolic tangent.")
-_unary("erf", special.erf, "math.erf({0})", doc="The error function.")
-_unary("sigmoid", special.expit, "(1.0 / (1.0 + math.exp(-{0})))", doc="1 / (1 + exp(-x))")
-_unary("sin", np.sin, "math.sin({0})", doc="Sine.")
-_unary("cos", np.cos, "math.cos({0})", doc="Cosine.")
-_unary("relu", lambda x: np.maximum(x, x.dtype.type(0)), "max({0}, 0.0)", float_only=False,
-       doc="max(x, 0)")
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+# Unary rules: grad(g, x, y) with y the forward output. Non-smooth points (relu and abs at 0)
+# get the gradient 0, as torch.
+_unary("neg", np.negative, "(-{0})", grad=lambda g, x, y: -g, float_only=False, doc="-x")
+_unary("abs", np.abs, "abs({0})", grad=lambda g, x, y: where(greater(x, 0), g, where(less(x, 0), -g, 0.0)),
+       float_only=False, doc="|x|")
+_unary("exp", np.exp, "math.exp({0})", grad=lambda g, x, y: g * y, doc="e ** x")
+_unary("log", np.log, "math.log({0})", grad=lambda g, x, y: g / x, positive=True, doc="Natural logarithm.")
+_unary("sqrt", np.sqrt, "math.sqrt({0})", grad=lambda g, x, y: g * 0.5 / y, positive=True, doc="Square root.")
+_unary("rsqrt", lambda x: (1 / np.sqrt(x)).astype(x.dtype), "(1.0 / math.sqrt({0}))",
+       grad=lambda g, x, y: g * -0.5 * y * y * y, positive=True, doc="1 / sqrt(x)")
+_unary("tanh", np.tanh, "math.tanh({0})", grad=lambda g, x, y: g * (1.0 - y * y), doc="Hyperbolic tangent.")
+_unary("erf", special.erf, "math.erf({0})", grad=lambda g, x, y: g * _TWO_OVER_SQRT_PI * exp(-(x * x)),
+       doc="The error function.")
+_unary("sigmoid", special.expit, "(1.0 / (1.0 + math.exp(-{0})))", grad=lambda g, x, y: g * y * (1.0 - y),
+       doc="1 / (1 + exp(-x))")
+_unary("sin", np.sin, "math.sin({0})", grad=lambda g, x, y: g * cos(x), doc="Sine.")
+_unary("cos", np.cos, "math.cos({0})", grad=lambda g, x, y: -(g * sin(x)), doc="Cosine.")
+_unary("relu", lambda x: np.maximum(x, x.dtype.type(0)), "max({0}, 0.0)",
+       grad=lambda g, x, y: where(greater(x, 0), g, 0.0), float_only=False, doc="max(x, 0)")
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -161,13 +206,26 @@ def _gelu_infer(x, *, approximate="none"):
     return x
 
 
+def _gelu_grad(ctx, g):
+    (x,) = ctx.inputs
+    if ctx.attrs["approximate"] == "tanh":
+        # y = x/2 (1 + t), t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3)
+        t = tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+        return [g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)]
+    # y = x Phi(x): dy/dx = Phi(x) + x phi(x)
+    cdf = 0.5 * (1.0 + erf(x * (1 / math.sqrt(2.0))))
+    pdf = exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return [g * (cdf + x * pdf)]
+
+
 def _gelu_examples(rng):
     x = rng.standard_normal((3, 5)).astype(np.float32)
     return [Example((x,), {"approximate": "none"}, "exact"), Example((x,), {"approximate": "tanh"}, "tanh"),
             Example((x.astype(np.float64),), {"approximate": "none"}, "exact float64")]
 
 
-register(OpDef("gelu", infer=_gelu_infer, reference=_gelu_reference, fusion=Fusion.ELEMENTWISE,
+register(OpDef("gelu", infer=_gelu_infer, reference=_gelu_reference, grad=_gelu_grad, fusion=Fusion.ELEMENTWISE,
                cpu={"none": "(0.5 * {0} * (1.0 + math.erf({0} * 0.7071067811865476)))",
                     "tanh": "(0.5 * {0} * (1.0 + math.tanh(0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0}))))"},
                flops=_elementwise_flops, examples=_gelu_examples,
@@ -190,7 +248,7 @@ def _not_infer(x):
     return x
 
 
-register(OpDef("logical_not", infer=_not_infer, reference=np.logical_not, cpu="(not {0})",
+register(OpDef("logical_not", infer=_not_infer, reference=np.logical_not, cpu="(not {0})", grad=_no_grad,
                fusion=Fusion.ELEMENTWISE, flops=_elementwise_flops,
                examples=lambda rng: [Example((rng.random((3, 4)) > 0.5,))],
                bad_cases=(BadCase(((DType.float32, (3,)),), error="DTypeError"),),
@@ -203,6 +261,11 @@ def _where_infer(cond, a, b):
     return broadcast_types(cond.with_dtype(value.dtype), value)
 
 
+def _where_grad(ctx, g):
+    cond = ctx.inputs[0]
+    return [None, where(cond, g, 0.0) if ctx.needs[1] else None, where(cond, 0.0, g) if ctx.needs[2] else None]
+
+
 def _where_examples(rng):
     cond = rng.random((3, 1, 4)) > 0.5
     a = rng.standard_normal((2, 4)).astype(np.float32)
@@ -210,7 +273,7 @@ def _where_examples(rng):
     return [Example((cond, a, b))]
 
 
-register(OpDef("where", infer=_where_infer, reference=np.where, cpu="({1} if {0} else {2})",
+register(OpDef("where", infer=_where_infer, reference=np.where, cpu="({1} if {0} else {2})", grad=_where_grad,
                fusion=Fusion.ELEMENTWISE, flops=_elementwise_flops, examples=_where_examples,
                bad_cases=(BadCase(((DType.bool, (3, 4)), (DType.float32, (5,)), (DType.float32, (1,)))),
                           BadCase(((DType.float32, (3,)), (DType.float32, (3,)), (DType.float32, (3,))),

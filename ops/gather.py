@@ -31,8 +31,14 @@ def _reference(data, indices, *, axis):
     return np.take(data, indices, axis=axis)
 
 
+def _grad(ctx, g):
+    data, indices = ctx.inputs
+    zeros = ctx.zeros(data.shape, data.dtype)
+    return [apply("scatter_add", [zeros, indices, g], axis=ctx.attrs["axis"]), None]   # rows picked twice add up
+
+
 register(OpDef(
-    "gather", infer=_infer, reference=_reference, normalize=_normalize, fusion=Fusion.INJECTIVE,
+    "gather", infer=_infer, reference=_reference, normalize=_normalize, grad=_grad, fusion=Fusion.INJECTIVE,
     examples=lambda rng: [
         Example((rng.standard_normal((10, 4)).astype(np.float32), rng.integers(0, 10, (2, 3))), {"axis": 0},
                 "embedding"),

@@ -40,6 +40,23 @@ def _reference(x, *affine, eps, has_gamma, has_beta):
     return y.astype(x.dtype)
 
 
+def _grad(ctx, g):
+    x, *affine = ctx.inputs
+    a = ctx.attrs
+    gamma = affine[0] if a["has_gamma"] else None
+    centered = x - x.mean(axis=-1, keepdims=True)
+    rstd = apply("rsqrt", [(centered * centered).mean(axis=-1, keepdims=True) + a["eps"]])
+    xhat = centered * rstd                                           # the normalized x
+    gx = g * gamma if gamma is not None else g                       # gradient w.r.t. xhat
+    dx = rstd * (gx - gx.mean(axis=-1, keepdims=True) - xhat * (gx * xhat).mean(axis=-1, keepdims=True))
+    grads = [dx]
+    if a["has_gamma"]:
+        grads.append(g * xhat)                                       # summed over the rows by autodiff
+    if a["has_beta"]:
+        grads.append(g)
+    return grads
+
+
 def _examples(rng):
     x = rng.standard_normal((2, 3, 8)).astype(np.float32) * 3 + 1
     g = rng.standard_normal(8).astype(np.float32)
@@ -52,7 +69,7 @@ def _examples(rng):
 
 
 register(OpDef(
-    "layernorm", infer=_infer, reference=_reference, fusion=Fusion.REDUCTION, examples=_examples,
+    "layernorm", infer=_infer, reference=_reference, grad=_grad, fusion=Fusion.REDUCTION, examples=_examples,
     flops=lambda i, o, **a: dim_mul(8, o[0].size),
     bad_cases=(BadCase(((DType.float32, ("B", 8)), (DType.float32, (4,)), (DType.float32, (8,))),
                        {"eps": 1e-5, "has_gamma": True, "has_beta": True}, label="gamma size"),

@@ -29,6 +29,11 @@ def _reference(x, where, *, value):
     return np.where(where, np.asarray(value, dtype=x.dtype), x)
 
 
+def _grad(ctx, g):
+    where = ctx.inputs[1]
+    return [apply("mask", [g, where], value=0.0), None]       # filled entries do not depend on x
+
+
 def _examples(rng):
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)
     return [Example((x, rng.random((3, 4)) > 0.5), {"value": -math.inf}, "−inf, broadcast mask"),
@@ -36,7 +41,7 @@ def _examples(rng):
 
 
 register(OpDef(
-    "mask", infer=_infer, reference=_reference, fusion=Fusion.ELEMENTWISE,
+    "mask", infer=_infer, reference=_reference, grad=_grad, fusion=Fusion.ELEMENTWISE,
     cpu="({2} if {1} else {0})", examples=_examples,
     flops=lambda i, o, **a: o[0].size,
     bad_cases=(BadCase(((DType.float32, (3, 4)), (DType.bool, (2, 3, 4))), {"value": 0.0}, label="mask enlarges x"),

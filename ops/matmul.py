@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attngraph.autodiff import unbroadcast
 from attngraph.dsl import binary
 from attngraph.errors import DTypeError, ShapeError
 from attngraph.ir import BadCase, DType, Example, Fusion, OpDef, TensorType, register
@@ -42,6 +43,33 @@ def _flops(in_types, out_types, **attrs):
     return dim_mul(2, dim_mul(dim_product(out_types[0].shape), a.shape[-1]))
 
 
+def _swap(t):
+    """The last two axes exchanged."""
+    r = t.ndim
+    return t.transpose(*range(r - 2), r - 1, r - 2)
+
+
+def _grad(ctx, g):
+    a, b = ctx.inputs
+    # 1-D operands as numpy promotes them: a (k,) → (1, k), b (k,) → (k, 1)
+    a2 = a.reshape(1, a.shape[0]) if a.ndim == 1 else a            # (…, n, k)
+    b2 = b.reshape(b.shape[0], 1) if b.ndim == 1 else b            # (…, k, m)
+    batch = broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    g2 = g.reshape(batch + (a2.shape[-2], b2.shape[-1]))           # (…, n, m)
+    da = db = None
+    if ctx.needs[0]:
+        da = unbroadcast(g2 @ _swap(b2), a2.shape).reshape(a.shape)
+    if ctx.needs[1]:
+        if b2.ndim == 2 and a2.ndim > 2:
+            # a weight shared by the whole batch: one (k, B·n) @ (B·n, m) product
+            k, m = b2.shape
+            db = a2.reshape(-1, k).T @ g2.reshape(-1, m)
+        else:
+            db = unbroadcast(_swap(a2) @ g2, b2.shape)
+        db = db.reshape(b.shape)
+    return [da, db]
+
+
 def _examples(rng):
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     return [
@@ -54,7 +82,7 @@ def _examples(rng):
 
 
 register(OpDef(
-    "matmul", infer=_infer, reference=np.matmul, fusion=Fusion.OPAQUE, flops=_flops, examples=_examples,
+    "matmul", infer=_infer, reference=np.matmul, grad=_grad, fusion=Fusion.OPAQUE, flops=_flops, examples=_examples,
     bad_cases=(
         BadCase(((DType.float32, ("B", 16, 64)), (DType.float32, (32, 64))), label="inner dims differ"),
         BadCase(((DType.float32, (2, 4, 3)), (DType.float32, (3, 3, 2))), label="batch dims"),

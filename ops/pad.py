@@ -92,8 +92,17 @@ _BAD = (
     BadCase(((DType.int64, (2, 3)),), {"pads": 1, "value": 0.5}, error="DTypeError", label="fractional value, int"),
 )
 
+def _grad(ctx, g):
+    pads = ctx.attrs["pads"]
+    if not any(b or a for b, a in pads):
+        return [g]
+    starts = tuple(before or None for before, _ in pads)
+    stops = tuple(-after if after else None for _, after in pads)
+    return [apply("slice", [g], starts=starts, stops=stops, steps=(1,) * len(pads))]   # the padding's part is dropped
+
+
 register(OpDef(
-    "pad", infer=_infer, reference=_reference, normalize=_normalize, fusion=Fusion.INJECTIVE,
+    "pad", infer=_infer, reference=_reference, normalize=_normalize, grad=_grad, fusion=Fusion.INJECTIVE,
     examples=_examples, bad_cases=_BAD,
     doc="Constant padding with numpy's pad_width rules: attr pads ((before, after) per axis), value.",
     family="pad"))

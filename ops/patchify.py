@@ -77,8 +77,18 @@ _BAD = (
     BadCase(((_F, (2, 3, 8, 8)),), {"patch": 0}, label="patch 0"),
 )
 
+def _grad(ctx, g):
+    (images,) = ctx.inputs
+    p = ctx.attrs["patch"]
+    b, c, h, w = images.shape
+    rows, cols = _grid(h, p, "height", images.shape), _grid(w, p, "width", images.shape)
+    g = g.reshape(b, rows, cols, c, p, p)                        # (B, H/p, W/p, C, p, p)
+    return [g.transpose(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)]   # (B, C, H/p, p, W/p, p) → images
+
+
 register(OpDef(
-    "patchify", infer=_infer, reference=_reference, fusion=Fusion.INJECTIVE, examples=_examples, bad_cases=_BAD,
+    "patchify", infer=_infer, reference=_reference, grad=_grad, fusion=Fusion.INJECTIVE, examples=_examples,
+    bad_cases=_BAD,
     doc="(B, C, H, W) → (B, (H/p)(W/p), C·p·p): p x p patches in row-major order, each flattened in (C, p, p) "
         "order, so patchify(x, p) @ W.reshape(out, -1).T is a stride-p Conv2d patch embedding.",
     family="patchify"))

@@ -108,6 +108,17 @@ def _examples(*extra_attrs):
     return examples
 
 
+def _max_pool2d_grad(ctx, g):
+    (x,), a = ctx.inputs, ctx.attrs
+    return [apply("max_pool2d_grad", [x, g], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])]
+
+
+def _avg_pool2d_grad(ctx, g):
+    (x,), a = ctx.inputs, ctx.attrs
+    return [apply("avg_pool2d_grad", [g], size=x.shape[-2:], kernel_size=a["kernel_size"], stride=a["stride"],
+                  padding=a["padding"], count_include_pad=a.get("count_include_pad", True))]
+
+
 _F = DType.float32
 _POOL_BAD = (
     BadCase(((_F, (1, 3, 2, 2)),), {"kernel_size": (3, 3)}, label="kernel larger than input"),
@@ -119,6 +130,7 @@ _POOL_BAD = (
 
 register(OpDef(
     "max_pool2d", infer=_pool_infer, reference=_max_pool2d_reference, normalize=_pool_normalize,
+    grad=_max_pool2d_grad,  # the backward ops are in pooling_grad.py
     fusion=Fusion.REDUCTION, flops=_pool_flops, examples=_examples(), bad_cases=_POOL_BAD,
     doc="Max over kernel_size windows of the last two axes, padded with -inf, as "
         "torch.nn.functional.max_pool2d; attrs kernel_size, stride, padding (pairs).",
@@ -126,6 +138,7 @@ register(OpDef(
 
 register(OpDef(
     "avg_pool2d", infer=_avg_pool_infer, reference=_avg_pool2d_reference, normalize=_pool_normalize,
+    grad=_avg_pool2d_grad,
     fusion=Fusion.REDUCTION, flops=_pool_flops,
     examples=_examples({"count_include_pad": True}, {"count_include_pad": False}),
     bad_cases=_POOL_BAD,

@@ -8,6 +8,7 @@ from attngraph.dsl import apply
 from attngraph.errors import DTypeError
 from attngraph.ir import BadCase, DType, Example, Fusion, OpDef, TensorType, normalize_axes, normalize_axis, register
 from attngraph.ir.rules import require_float
+from attngraph.ir.shapes import dim_product
 
 __all__ = ["sum", "mean", "max", "argmax"]
 
@@ -46,23 +47,55 @@ def _int_examples(rng):
     return _examples(rng) + [Example((rng.integers(-5, 5, (3, 4)),), {"axis": 0, "keepdims": False}, "int64")]
 
 
+def _spread_back(ctx, g):
+    """The reduced gradient broadcast back over the reduced axes: (B, D) → (B, T, D) for axis=1."""
+    x = ctx.inputs[0]
+    axis, keepdims = ctx.attrs["axis"], ctx.attrs["keepdims"]
+    if not keepdims:
+        g = g.reshape(_reduced_shape(x, axis, True))
+    return apply("broadcast_to", [g], shape=x.shape)
+
+
+def _count(ctx, axis):
+    """How many entries each output averages: a Python number, or a tensor when a dim is symbolic."""
+    x = ctx.inputs[0]
+    n = dim_product(x.shape[a] for a in axis)
+    if isinstance(n, int):
+        return n
+    return ctx.graph.full(tuple(x.shape[a] for a in axis), 1.0, x.dtype).sum()
+
+
+def _max_grad(ctx, g):
+    # The gradient goes to the positions of the maximum, split evenly on ties (torch's amax rule).
+    (x,), (y,) = ctx.inputs, ctx.outputs
+    axis = ctx.attrs["axis"]
+    spread = lambda t: _spread_back(ctx, t)  # noqa: E731
+    hit = apply("cast", [apply("equal", [x, spread(y)])], dtype=x.dtype)
+    ties = hit.sum(axis=axis, keepdims=ctx.attrs["keepdims"])
+    return [hit * spread(g / ties)]
+
+
 _BAD = (BadCase(((DType.float32, (2, 3)),), {"axis": 2, "keepdims": False}, label="axis out of range"),
         BadCase(((DType.float32, (2, 3)),), {"axis": (1, 1), "keepdims": False}, label="repeated axis"))
 
 register(OpDef("sum", infer=_make_infer("sum", False), normalize=_normalize, fusion=Fusion.REDUCTION,
+               grad=lambda ctx, g: [_spread_back(ctx, g)],
                reference=lambda x, *, axis, keepdims: np.sum(x, axis=axis, keepdims=keepdims, dtype=x.dtype),
                flops=lambda i, o, **a: i[0].size, examples=_int_examples, bad_cases=_BAD,
                doc="Sum over ``axis`` (None: all axes).", family="reductions"))
 register(OpDef("mean", infer=_make_infer("mean", True), normalize=_normalize, fusion=Fusion.REDUCTION,
+               grad=lambda ctx, g: [_spread_back(ctx, g / _count(ctx, ctx.attrs["axis"]))],
                reference=lambda x, *, axis, keepdims: np.mean(x, axis=axis, keepdims=keepdims, dtype=x.dtype),
                flops=lambda i, o, **a: i[0].size, examples=_examples,
                bad_cases=_BAD + (BadCase(((DType.int64, (2, 3)),), {"axis": 0, "keepdims": False},
                                          error="DTypeError"),),
                doc="Mean over ``axis`` (None: all axes); float only.", family="reductions"))
 register(OpDef("max", infer=_make_infer("max", False), normalize=_normalize, fusion=Fusion.REDUCTION,
+               grad=_max_grad,
                reference=lambda x, *, axis, keepdims: np.max(x, axis=axis, keepdims=keepdims),
                flops=lambda i, o, **a: i[0].size, examples=_int_examples, bad_cases=_BAD,
-               doc="Maximum over ``axis`` (None: all axes).", family="reductions"))
+               doc="Maximum over ``axis`` (None: all axes); its gradient is split evenly between tied "
+                   "maxima (torch's amax).", family="reductions"))
 
 
 def _argmax_normalize(types, attrs):

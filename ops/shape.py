@@ -7,6 +7,7 @@ import numbers
 
 import numpy as np
 
+from attngraph.autodiff import unbroadcast
 from attngraph.dsl import Tensor, apply
 from attngraph.errors import ShapeError
 from attngraph.ir import (BadCase, DType, Example, Fusion, OpDef, TensorType, normalize_axis, normalize_dim,
@@ -46,6 +47,7 @@ def _reshape_normalize(types, attrs):
 
 register(OpDef(
     "reshape", infer=lambda x, *, shape: TensorType(x.dtype, shape), normalize=_reshape_normalize,
+    grad=lambda ctx, g: [g.reshape(ctx.inputs[0].shape)],
     reference=lambda x, *, shape: np.reshape(x, shape), shape_attrs=("shape",), fusion=Fusion.INJECTIVE,
     examples=lambda rng: [Example((rng.standard_normal((2, 3, 4)).astype(np.float32),), {"shape": (6, -1)}),
                           Example((rng.standard_normal((2, 12)).astype(np.float32),), {"shape": (2, 3, 2, 2)})],
@@ -68,8 +70,13 @@ def _transpose_normalize(types, attrs):
     return attrs
 
 
+def _transpose_grad(ctx, g):
+    inverse = tuple(int(i) for i in np.argsort(ctx.attrs["axes"]))
+    return [g.transpose(inverse)]
+
+
 register(OpDef(
-    "transpose", normalize=_transpose_normalize,
+    "transpose", normalize=_transpose_normalize, grad=_transpose_grad,
     infer=lambda x, *, axes: TensorType(x.dtype, tuple(x.shape[a] for a in axes)),
     reference=lambda x, *, axes: np.transpose(x, axes), fusion=Fusion.INJECTIVE,
     examples=lambda rng: [Example((rng.standard_normal((2, 3, 4)).astype(np.float32),), {"axes": (0, 2, 1)}),
@@ -87,6 +94,7 @@ def _broadcast_infer(x, *, shape):
 
 register(OpDef(
     "broadcast_to", infer=_broadcast_infer, shape_attrs=("shape",), fusion=Fusion.INJECTIVE,
+    grad=lambda ctx, g: [unbroadcast(g, ctx.inputs[0].shape)],
     normalize=lambda types, attrs: dict(attrs, shape=tuple(normalize_dim(d) for d in attrs["shape"])),
     reference=lambda x, *, shape: np.array(np.broadcast_to(x, shape)),
     examples=lambda rng: [Example((rng.standard_normal((3, 1)).astype(np.float32),), {"shape": (2, 3, 4)})],
@@ -136,8 +144,73 @@ def _slice_reference(x, *, starts, stops, steps):
     return x[tuple(builtins.slice(a, b, c) for a, b, c in zip(starts, stops, steps))]
 
 
+def _slice_grad(ctx, g):
+    """Put the gradient back where the slice took it from; zeros elsewhere.
+
+    Strided and reversed axes (static sizes) are spread out first: each entry followed by
+    step-1 zeros. Then every axis is padded before and after: one ``pad`` node when the
+    amounts are ints, a ``concat`` with zeros when they are symbolic (``x[:, 1:]`` of a
+    ``T`` axis leaves ``T-1`` behind).
+    """
+    x = ctx.inputs[0]
+    a = ctx.attrs
+    pads = []
+    for axis, (dim, start, stop, step) in enumerate(zip(x.shape, a["starts"], a["stops"], a["steps"])):
+        if isinstance(dim, int) and not isinstance(start, str) and not isinstance(stop, str):
+            taken = range(dim)[builtins.slice(start, stop, step)]
+            if len(taken) == 0:
+                return [ctx.zeros(x.shape, x.dtype)]
+            if step < 0:
+                g = _reverse(g, axis)
+                taken = taken[::-1]
+            g = _spread(g, axis, abs(step))
+            extent = (len(taken) - 1) * abs(step) + 1
+            if g.shape[axis] != extent:
+                g = _narrow(g, axis, 0, extent)
+            pads.append((taken[0], dim - taken[0] - extent))
+        else:  # symbolic: step 1
+            first = 0 if start is None else (dim_add(dim, start) if isinstance(start, int) and start < 0 else start)
+            end = dim if stop is None else (dim_add(dim, stop) if isinstance(stop, int) and stop < 0 else stop)
+            pads.append((first, dim_sub(dim, end)))
+    if all(isinstance(p, int) for pair in pads for p in pair):
+        return [apply("pad", [g], pads=tuple(pads), value=0.0) if any(b or e for b, e in pads) else g]
+    for axis, (before, after) in enumerate(pads):
+        parts = [g]
+        if before != 0:
+            parts.insert(0, ctx.zeros(g.shape[:axis] + (before,) + g.shape[axis + 1:], g.dtype))
+        if after != 0:
+            parts.append(ctx.zeros(g.shape[:axis] + (after,) + g.shape[axis + 1:], g.dtype))
+        if len(parts) > 1:
+            g = apply("concat", parts, axis=axis)
+    return [g]
+
+
+def _reverse(t, axis):
+    starts, stops, steps = [None] * t.ndim, [None] * t.ndim, [1] * t.ndim
+    steps[axis] = -1
+    return apply("slice", [t], starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+
+
+def _narrow(t, axis, start, stop):
+    starts, stops, steps = [None] * t.ndim, [None] * t.ndim, [1] * t.ndim
+    starts[axis], stops[axis] = start, stop
+    return apply("slice", [t], starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+
+
+def _spread(t, axis, step):
+    """(…, n, …) → (…, n·step, …): every entry followed by step-1 zeros."""
+    if step == 1:
+        return t
+    n = t.shape[axis]
+    t = t.reshape(t.shape[:axis + 1] + (1,) + t.shape[axis + 1:])                  # (…, n, 1, …)
+    pads = [(0, 0)] * t.ndim
+    pads[axis + 1] = (0, step - 1)
+    t = apply("pad", [t], pads=tuple(pads), value=0.0)                                # (…, n, step, …)
+    return t.reshape(t.shape[:axis] + (n * step,) + t.shape[axis + 2:])
+
+
 register(OpDef(
-    "slice", infer=_slice_infer, normalize=_slice_normalize, reference=_slice_reference,
+    "slice", infer=_slice_infer, grad=_slice_grad, normalize=_slice_normalize, reference=_slice_reference,
     shape_attrs=("starts", "stops"), fusion=Fusion.INJECTIVE,
     examples=lambda rng: [
         Example((rng.standard_normal((4, 6)).astype(np.float32),),
@@ -183,8 +256,13 @@ def _split_reference(x, *, sizes, axis):
     return tuple(np.split(x, bounds, axis=axis))
 
 
+def _split_grad(ctx, *gs):
+    return [apply("concat", list(gs), axis=ctx.attrs["axis"])]     # unused parts come as zeros
+
+
 register(OpDef(
-    "split", infer=_split_infer, normalize=_split_normalize, reference=_split_reference, shape_attrs=("sizes",),
+    "split", infer=_split_infer, grad=_split_grad, normalize=_split_normalize, reference=_split_reference,
+    shape_attrs=("sizes",),
     fusion=Fusion.INJECTIVE, multiple_outputs=True,
     examples=lambda rng: [Example((rng.standard_normal((2, 9)).astype(np.float32),), {"sizes": 3, "axis": 1}),
                           Example((rng.standard_normal((5, 2)).astype(np.float32),), {"sizes": (1, 4), "axis": 0})],

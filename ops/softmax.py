@@ -43,6 +43,18 @@ def _log_softmax_reference(x, *, axis):
     return np.where(s == 0, -np.inf, out).astype(x.dtype)
 
 
+def _softmax_grad(ctx, g):
+    (y,) = ctx.outputs
+    axis = ctx.attrs["axis"]
+    return [y * (g - (g * y).sum(axis=axis, keepdims=True))]      # a fully masked row (y = 0) gets 0
+
+
+def _log_softmax_grad(ctx, g):
+    (y,) = ctx.outputs
+    axis = ctx.attrs["axis"]
+    return [g - apply("exp", [y]) * g.sum(axis=axis, keepdims=True)]
+
+
 def _examples(rng):
     x = rng.standard_normal((2, 3, 5)).astype(np.float32)
     masked = x.copy()
@@ -60,10 +72,11 @@ def _flops(in_types, out_types, **attrs):
 _BAD = (BadCase(((DType.int64, (3, 4)),), {"axis": -1}, error="DTypeError"),
         BadCase(((DType.float32, (3, 4)),), {"axis": 2}, label="axis out of range"))
 
-register(OpDef("softmax", infer=_infer, reference=_softmax_reference, normalize=_normalize,
+register(OpDef("softmax", infer=_infer, reference=_softmax_reference, normalize=_normalize, grad=_softmax_grad,
                fusion=Fusion.REDUCTION, flops=_flops, examples=_examples, bad_cases=_BAD,
                doc="exp(x) / sum(exp(x)) along axis; a row of all −inf gives zeros, not NaN.", family="softmax"))
 register(OpDef("log_softmax", infer=_infer, reference=_log_softmax_reference, normalize=_normalize,
+               grad=_log_softmax_grad,
                fusion=Fusion.REDUCTION, flops=_flops, examples=lambda rng: _examples(rng)[:3], bad_cases=_BAD,
                doc="x - logsumexp(x) along axis; a row of all −inf gives −inf.", family="softmax"))
 

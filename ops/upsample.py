@@ -24,11 +24,11 @@ import math
 
 import numpy as np
 
-from attngraph.dsl import apply
+from attngraph.dsl import apply, as_tensor
 from attngraph.errors import ShapeError
 from attngraph.ir import BadCase, DType, Example, Fusion, OpDef, TensorType, register
 from attngraph.ir.rules import require_float, require_rank
-from attngraph.ir.shapes import dim_mul, format_shape, normalize_dim
+from attngraph.ir.shapes import dim_mul, format_shape, is_static, normalize_dim
 
 __all__ = ["upsample"]
 
@@ -166,6 +166,59 @@ def _reference(x, **attrs):
     return np.ascontiguousarray(y, dtype=x.dtype)
 
 
+# -- the gradient -----------------------------------------------------------------------------
+# Nearest with an integer factor repeats each pixel in a block: the gradient sums the blocks
+# (reshape + sum, symbolic sizes allowed). Every other case (fractional nearest, bilinear) is
+# separable, y = R x Cᵀ over the last two axes with constant interpolation matrices R (out_h, H)
+# and C (out_w, W) built from the same index arithmetic as the reference, so dx = Rᵀ g C
+# (static sizes).
+
+def _block_factor(size, out, scale, exact: bool):
+    """s when nearest maps output i to input i // s along this axis, else None."""
+    if isinstance(size, int) and isinstance(out, int):
+        if out % size:
+            return None
+        s = out // size
+        return s if np.array_equal(_nearest_index(size, out, scale, exact), np.arange(out) // s) else None
+    if scale is None or not float(scale).is_integer() or out != dim_mul(size, int(scale)):
+        return None
+    s, probe = int(scale), 4096  # a symbolic size: check the float32 index arithmetic on a large one
+    return s if np.array_equal(_nearest_index(probe, probe * s, scale, exact), np.arange(probe * s) // s) else None
+
+
+def _interpolation_matrix(size: int, out: int, scale, mode: str, align_corners, dtype) -> np.ndarray:
+    """M (out, size) with y = M x along one axis."""
+    m = np.zeros((out, size), dtype=dtype)
+    rows = np.arange(out)
+    if mode == "bilinear":
+        i0, i1, lam = _linear_weights(size, out, scale, align_corners, dtype.type)
+        np.add.at(m, (rows, i0), 1 - lam)
+        np.add.at(m, (rows, i1), lam)
+    else:
+        m[rows, _nearest_index(size, out, scale, mode == "nearest-exact")] = 1
+    return m
+
+
+def _grad(ctx, g):
+    (x,) = ctx.inputs
+    a = ctx.attrs
+    n, c, h, w = x.shape
+    oh, ow = a["size"]
+    sh_, sw_ = a["scales"] or (None, None)
+    if a["mode"] != "bilinear":
+        exact = a["mode"] == "nearest-exact"
+        fh, fw = _block_factor(h, oh, sh_, exact), _block_factor(w, ow, sw_, exact)
+        if fh is not None and fw is not None:
+            return [g.reshape(n, c, h, fh, w, fw).sum(axis=(3, 5))]   # (N, C, H, fh, W, fw) → blocks summed
+    if not is_static((h, w, oh, ow)):
+        raise ShapeError(f"the gradient of {a['mode']} upsampling from {h}x{w} to {oh}x{ow} needs static sizes",
+                         hint="integer nearest scale factors work with symbolic sizes")
+    dt = x.dtype.numpy
+    rows = _interpolation_matrix(h, oh, sh_, a["mode"], a["align_corners"], dt)       # (oh, H)
+    cols = _interpolation_matrix(w, ow, sw_, a["mode"], a["align_corners"], dt)       # (ow, W)
+    return [as_tensor(np.ascontiguousarray(rows.T), g.graph) @ (g @ as_tensor(cols, g.graph))]
+
+
 def _flops(in_types, out_types, *, mode="nearest", **_):
     return dim_mul(out_types[0].size, 8) if mode == "bilinear" else 0
 
@@ -198,7 +251,7 @@ _BAD = (
 )
 
 register(OpDef(
-    "upsample", infer=_infer, reference=_reference, normalize=_normalize, shape_attrs=("size",),
+    "upsample", infer=_infer, reference=_reference, normalize=_normalize, shape_attrs=("size",), grad=_grad,
     fusion=Fusion.OPAQUE, flops=_flops, examples=_examples, bad_cases=_BAD,
     doc="Resize (N, C, H, W) to size (out_h, out_w) by nearest, nearest-exact or bilinear interpolation, as "
         "torch.nn.functional.interpolate. Fusion class OPAQUE for every mode (one op; bilinear is not injective).",

@@ -48,7 +48,17 @@ class OpDef:
     - ``reference(*arrays, **attrs)`` → numpy result: the meaning of the op.
     - ``normalize(input_types, attrs)`` → canonical attrs (positive axes, resolved -1 ...).
     - ``shape_attrs``: attrs holding dims; symbolic ones are evaluated before ``reference`` runs.
-    - ``grad(out_grads, outputs, inputs, **attrs)`` → input gradients (graph tensors or None).
+    - ``grad(ctx, *out_grads)`` → one gradient per input (a graph Tensor, or None for none),
+      built from DSL ops so the passes optimize and fuse the backward like the forward.
+      ``ctx.inputs`` / ``ctx.outputs`` are the forward node's Tensors, ``ctx.attrs`` its
+      normalized attrs, ``ctx.needs[i]`` whether input ``i`` wants a gradient (a rule may
+      skip the others). A gradient may have the output's broadcast shape: autodiff sums it
+      back to the input's shape. A multi-output op gets zeros for unused outputs. E.g.
+      softmax: ``y, = ctx.outputs; return [y * (g - sum(g * y, axis=axis, keepdims=True))]``.
+      See :mod:`attngraph.autodiff`.
+    - ``differentiable``: False for ops with no gradient (``argmax``, ``full``); ``ag.grad``
+      through one raises GradError naming it. Ops whose outputs are int/bool (comparisons)
+      stay differentiable with a rule returning None: no gradient flows through them.
     - ``cpu`` / ``cuda``: kernels or codegen templates for the backends.
     - ``fusion``: the op's class for the fuser.
     - ``flops(input_types, output_types, **attrs)`` → a Dim estimate for ``attngraph info``.
@@ -60,7 +70,7 @@ class OpDef:
     reference: Callable[..., Any]
     normalize: Callable[..., dict] | None = None
     shape_attrs: tuple[str, ...] = ()
-    grad: Callable[..., Any] | None = None
+    grad: Callable[..., Any] | None = None     # grad(ctx, *out_grads) -> input grads; see attngraph.autodiff
     differentiable: bool = True
     multiple_outputs: bool = False      # infer returns a tuple; the DSL returns a tuple of Tensors
     cpu: Any = None

@@ -97,6 +97,41 @@ def _attention_oracle(q, k, v, *extra, scale, causal, has_bias, has_mask):
     return torch.matmul(p, T(v)).numpy()
 
 
+def _scatter_add_oracle(data, idx, updates, axis):
+    idx = np.where(idx < 0, idx + data.shape[axis], idx).reshape(-1)
+    rows = updates.reshape(data.shape[:axis] + (-1,) + data.shape[axis + 1:])
+    return torch.index_add(T(data), axis, T(idx).long(), T(rows)).numpy()
+
+
+def _attention_grad_oracle(q, k, v, *rest, scale, causal, has_bias, has_mask):
+    *extra, g = rest
+    qt, kt, vt = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    extra = list(extra)
+    if has_bias:
+        s = s + T(extra.pop(0))
+    if has_mask:
+        s = s.masked_fill(T(extra.pop(0)), -math.inf)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+    dead = torch.isneginf(s).all(-1, keepdim=True)          # fully masked rows: zeros, without NaN
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    torch.matmul(p, vt).backward(T(g))
+    return [qt.grad.numpy(), kt.grad.numpy(), vt.grad.numpy()]
+
+
+def _max_pool2d_grad_oracle(x, g, kernel_size, stride, padding):
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, kernel_size, stride, padding).backward(T(g))
+    return xt.grad.numpy()
+
+
+def _avg_pool2d_grad_oracle(g, size, kernel_size, stride, padding, count_include_pad):
+    xt = torch.zeros(g.shape[:-2] + tuple(size), dtype=T(g).dtype, requires_grad=True)
+    F.avg_pool2d(xt, kernel_size, stride, padding, count_include_pad=count_include_pad).backward(T(g))
+    return xt.grad.numpy()
+
+
 # op name → oracle(*inputs, **attrs). Independent of attngraph's references.
 ORACLES = {
     "add": lambda a, b: (T(a) + T(b)).numpy(),
@@ -154,6 +189,10 @@ ORACLES = {
     "arange": lambda stop, dtype: torch.arange(stop, dtype=getattr(torch, str(dtype))).numpy(),
     "trilu": _trilu_oracle,
     "attention": _attention_oracle,
+    "attention_grad": _attention_grad_oracle,
+    "scatter_add": _scatter_add_oracle,
+    "max_pool2d_grad": _max_pool2d_grad_oracle,
+    "avg_pool2d_grad": _avg_pool2d_grad_oracle,
     # conv family: checked against torch in tests/ops/test_conv_family.py with many configurations.
     "conv2d": None, "conv_transpose2d": None, "max_pool2d": None, "avg_pool2d": None, "upsample": None,
     "patchify": None, "pad": None,
