@@ -180,8 +180,7 @@ def analyze(ctx, matmul: Node) -> Match | str | None:
     m.masks = kept
     kept_b = []
     for bias, c in m.biases:
-        arr = _const(ctx, bias)
-        if arr is not None and tq == tk and arr.ndim >= 2 and _is_causal_bias(arr):
+        if tq == tk and bias.type.rank >= 2 and _is_causal(ctx, bias, additive=True):
             m.causal = True
         else:
             kept_b.append((bias, c))
@@ -198,18 +197,36 @@ def _scalar(ctx, v: Value):
 
 def _is_upper_triangle(ctx, where: Value) -> bool:
     """True when ``where`` is bool, True exactly above the diagonal of its last two axes."""
-    n = where.node
+    return _is_causal(ctx, where, additive=False)
+
+
+def _is_causal(ctx, v: Value, *, additive: bool) -> bool:
+    """Is ``v`` a causal mask: bool True above the diagonal (or, ``additive``, −inf there and 0 below)?
+
+    Recognised: ``trilu(full(...), k=1, upper)``, a const with that pattern, and a slice
+    ``[..., :T, :T]`` of either (a registered mask buffer cut to the sequence length)."""
+    n = v.node
+    if n.op == "slice":
+        starts, stops, steps = n.attrs["starts"], n.attrs["stops"], n.attrs["steps"]
+        square = v.type.shape[-1] == v.type.shape[-2]
+        from_origin = all(s in (None, 0) for s in starts[-2:]) and steps[-2:] == (1, 1)
+        return square and from_origin and _is_causal(ctx, n.inputs[0], additive=additive)
     if n.op == "trilu" and n.attrs["upper"] and n.attrs["k"] == 1:
         src = n.inputs[0].node
-        if src.op == "full" and src.attrs["value"] is True:
-            return True
+        if src.op == "full":
+            value = src.attrs["value"]
+            return (value == -math.inf) if additive else (value is True)
         arr = _const(ctx, n.inputs[0])
-        return arr is not None and arr.dtype == bool and bool(arr.all())
-    arr = _const(ctx, where)
-    if arr is None or arr.dtype != bool or arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+        if arr is None:
+            return False
+        return bool(np.all(np.isneginf(arr))) if additive else (arr.dtype == bool and bool(arr.all()))
+    arr = _const(ctx, v)
+    if arr is None or arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
         return False
+    if additive:
+        return _is_causal_bias(arr)
     t = arr.shape[-1]
-    return bool(np.all(arr == np.triu(np.ones((t, t), bool), 1)))
+    return arr.dtype == bool and bool(np.all(arr == np.triu(np.ones((t, t), bool), 1)))
 
 
 def _is_causal_bias(arr: np.ndarray) -> bool:

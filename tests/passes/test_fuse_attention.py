@@ -212,3 +212,26 @@ def test_direct_attention_op_matches_primitives(rng):
     feeds = feeds_for(g, rng)
     out = ag.compile(g).run(feeds)
     np.testing.assert_allclose(out["fused"], out["manual"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sliced_bool_buffer", "sliced_additive_buffer", "additive_trilu"])
+def test_symbolic_causal_masks_become_the_causal_flag(kind, rng):
+    g = ag.Graph(kind)
+    q, k, v = (g.input(n, ("B", H, "T", D)) for n in "qkv")
+    s = q @ kt(k) / math.sqrt(D)
+    T_ = q.shape[2]
+    if kind == "sliced_bool_buffer":                      # a registered (max_len, max_len) buffer cut to T
+        s = ag.mask(s, g.const("causal", np.triu(np.ones((16, 16), bool), 1))[:T_, :T_])
+    elif kind == "sliced_additive_buffer":
+        buf = np.where(np.triu(np.ones((16, 16), bool), 1), -np.inf, 0).astype(np.float32)
+        s = s + g.const("causal", buf)[:T_, :T_]
+    else:                                                 # ONNX-style: trilu(full(-inf), k=1)
+        s = s + ag.trilu(g.full((T_, T_), -math.inf), k=1)
+    g.output("o", ag.softmax(s, axis=-1) @ v)
+    exe = ag.compile(g, backend="numpy", optimize=True, explain=True)
+    fused = [n for n in exe.graph.nodes if n.op == "attention"]
+    assert len(fused) == 1 and fused[0].attrs["causal"], exe.explain
+    assert not fused[0].attrs["has_mask"] and not fused[0].attrs["has_bias"]
+    for t in (3, 7):
+        feeds = {n: rng.standard_normal((2, H, t, D)).astype(np.float32) for n in "qkv"}
+        np.testing.assert_allclose(exe.run(feeds)["o"], ag.compile(g).run(feeds)["o"], rtol=1e-5, atol=1e-6)
