@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import AttngraphError, VerifyError
 from ..ir import Graph, verify
-from . import canonicalize, fold_constants, fuse_attention
+from . import canonicalize, fold_constants, fuse_attention, fuse_elementwise, fuse_layernorm, fuse_matmul
 from .cse import eliminate_common_subexpressions
 from .rewrite import PassLog, eliminate_dead_code, rewrite
 
@@ -39,6 +39,10 @@ PIPELINE: list[Pass] = [
     Pass("dce", lambda g, log: eliminate_dead_code(g), "drop nodes no output needs"),
     rule_pass("fuse_attention", fuse_attention.RULES, "softmax(QKᵀ·s + mask) V → attention",
               after=fuse_attention.report_near_misses),
+    Pass("fuse_layernorm", fuse_layernorm.run, "mean/sub/square/rsqrt chains → layernorm; add + layernorm → "
+         "residual_layernorm"),
+    Pass("fuse_matmul", fuse_matmul.run, "x @ w_i of one x → one matmul; matmul + elementwise → epilogue"),
+    rule_pass("fuse_elementwise", fuse_elementwise.RULES, "regions of elementwise ops → fused_elementwise"),
     rule_pass("canonicalize_after_fusion", canonicalize.RULES, "fold the transposes fusion left behind"),
 ]
 
