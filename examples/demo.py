@@ -108,6 +108,26 @@ def main() -> None:
     g3.save(out / "encoder6.json")
     written.append(out / "encoder6.json")
 
+    print("4. the same encoder compiled for the CPU: fused, planned, Numba kernels")
+    start = time.perf_counter()
+    fast = ag.compile(g3, backend="cpu")
+    print(f"  compiled in {time.perf_counter() - start:.1f} s (kernels are cached on disk: the next run starts warm)")
+    print(f"  {len(g3.nodes)} nodes → {len(fast.graph.nodes)}; fused ops: "
+          + ", ".join(f"{op}×{n}" for op, n in sorted(fast.graph.op_counts().items())
+                      if op in ("attention", "matmul_epilogue", "residual_layernorm", "fused_elementwise", "layernorm")))
+    slow = ag.compile(g3, backend="numpy")
+    feed = {"x": rng.standard_normal((8, 128, d)).astype(np.float32)}
+    same = np.abs(fast.run(feed)["y"] - slow.run(feed)["y"]).max()
+    timings = {}
+    for name, exe_ in (("numpy", slow), ("cpu", fast)):
+        start = time.perf_counter()
+        for _ in range(3):
+            exe_.run(feed)
+        timings[name] = (time.perf_counter() - start) / 3 * 1e3
+    print(f"  batch 8 × 128 tokens: numpy backend {timings['numpy']:.1f} ms, cpu backend {timings['cpu']:.1f} ms "
+          f"(max difference {same:.1e}); memory plan peak {fast.memory_plan(B=8, T=128).peak_bytes / 2**20:.1f} MiB")
+    written.append(fast.graph.render(out / "encoder6_fused.svg", max_depth=1))
+
     print("wrote:")
     for path in written:
         print(f"  {path}")
