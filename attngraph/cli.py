@@ -2,6 +2,7 @@
 
     attngraph info model.json --dim B=8 --dim T=128    what a saved graph holds and costs
     attngraph render model.json -o model.svg --max-depth 2
+    attngraph train decimal-to-binary --epochs 45 --seed 0     a demo task, trained on the CPU
 
 Each subcommand is one entry in :data:`SUBCOMMANDS` (name → :class:`Subcommand`): a
 function that adds its arguments and a function that runs it and returns the exit
@@ -226,12 +227,45 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    p.add_argument("task", choices=sorted(TASKS), help="what to train (see attngraph.tasks)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over the training set "
+                                                                         "(default: the task's own)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seeds the data split, weights and batches")
+    p.add_argument("--backend", default="cpu", choices=["numpy", "cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help="save after every epoch, resume from FILE")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .tasks import load_task
+
+    if args.epochs is not None and args.epochs < 1:
+        raise CLIError(f"--epochs must be 1 or more, got {args.epochs}")
+    task = load_task(args.task)
+    options = {"seed": args.seed, "backend": args.backend, "checkpoint": args.checkpoint,
+               "progress": args.progress}
+    if args.epochs is not None:
+        options["epochs"] = args.epochs
+    result = task.run(task.Config(**options), log=print)
+    print(result.summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 # the command
 # ----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("summarize a saved graph: inputs, outputs, ops, parameters, FLOPs", _info_args, cmd_info),
     "render": Subcommand("draw a saved graph (SVG, PNG, PDF or DOT)", _render_args, cmd_render),
+    "train": Subcommand("train a demo task (decimal-to-binary, vit-digits) and report its accuracy",
+                        _train_args, cmd_train),
 }
 
 

@@ -1,0 +1,25 @@
+"""Ready-to-run training tasks: the seed notes' toy translation and a ViT demo.
+
+- :mod:`attngraph.tasks.decimal_to_binary`: a Transformer translating decimal numbers to
+  binary, greedy-decoded and scored by exact match on numbers never seen in training.
+- :mod:`attngraph.tasks.vit_digits`: a tiny ViT on scikit-learn's 8×8 digits images.
+
+Each module has a ``Config`` dataclass and ``run(cfg) -> Result``; ``attngraph train NAME``
+runs them from the command line (:data:`TASKS` maps NAME to the module's name).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["TASKS", "load_task"]
+
+TASKS = {
+    "decimal-to-binary": "attngraph.tasks.decimal_to_binary",
+    "vit-digits": "attngraph.tasks.vit_digits",
+}
+
+
+def load_task(name: str):
+    """The module of task ``name`` (imported on demand: vit-digits needs scikit-learn only when run)."""
+    return importlib.import_module(TASKS[name])
