@@ -261,11 +261,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 # the command
 # ----------------------------------------------------------------------------------------
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .benchmarks.report import SUITES
+
+    p.add_argument("suites", nargs="*", default=list(SUITES), help=f"any of {', '.join(SUITES)} (default: all)")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown file whose sections are updated")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks.report import main as bench_main
+
+    bench_main([*args.suites, "--out", args.out])
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("summarize a saved graph: inputs, outputs, ops, parameters, FLOPs", _info_args, cmd_info),
     "render": Subcommand("draw a saved graph (SVG, PNG, PDF or DOT)", _render_args, cmd_render),
     "train": Subcommand("train a demo task (decimal-to-binary, vit-digits) and report its accuracy",
                         _train_args, cmd_train),
+    "bench": Subcommand("benchmark attngraph against numpy, torch and ONNX Runtime (needs the dev extra)",
+                        _bench_args, cmd_bench),
 }
 
 
