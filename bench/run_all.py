@@ -1,7 +1,7 @@
 """Run every benchmark and write docs/benchmarks.md (same as `attngraph bench`).
 
     python bench/run_all.py                 # all suites
-    python bench/run_all.py attention       # one suite: attention | models | compile | memory
+    python bench/run_all.py attention       # one suite: attention | models | compile | memory | training
 """
 
 import sys

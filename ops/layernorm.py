@@ -41,20 +41,13 @@ def _reference(x, *affine, eps, has_gamma, has_beta):
 
 
 def _grad(ctx, g):
+    """One fused ``layernorm_grad`` node (ops/layernorm_grad.py): dx, and dgamma / dbeta summed
+    over the rows."""
     x, *affine = ctx.inputs
     a = ctx.attrs
-    gamma = affine[0] if a["has_gamma"] else None
-    centered = x - x.mean(axis=-1, keepdims=True)
-    rstd = apply("rsqrt", [(centered * centered).mean(axis=-1, keepdims=True) + a["eps"]])
-    xhat = centered * rstd                                           # the normalized x
-    gx = g * gamma if gamma is not None else g                       # gradient w.r.t. xhat
-    dx = rstd * (gx - gx.mean(axis=-1, keepdims=True) - xhat * (gx * xhat).mean(axis=-1, keepdims=True))
-    grads = [dx]
-    if a["has_gamma"]:
-        grads.append(g * xhat)                                       # summed over the rows by autodiff
-    if a["has_beta"]:
-        grads.append(g)
-    return grads
+    gamma = affine[:1] if a["has_gamma"] else []
+    outs = apply("layernorm_grad", [x, *gamma, g], eps=a["eps"], has_gamma=a["has_gamma"], has_beta=a["has_beta"])
+    return list(outs)
 
 
 def _examples(rng):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .harness import machine_line, set_threads
 
-SUITES = ("attention", "memory", "models", "compile")
+SUITES = ("attention", "memory", "models", "compile", "training")
 INTRO = """# Benchmarks
 
 Measured by `attngraph bench` (or `python bench/run_all.py`) on the 2-core machine the
@@ -29,6 +29,7 @@ TITLES = {
     "memory": "Attention peak extra memory",
     "models": "Whole models, inference, float32",
     "compile": "Compile time",
+    "training": "Training step and attention backward, float32",
 }
 
 
@@ -43,6 +44,10 @@ def run_suite(name: str) -> str:
         table, raw = suites.compile_suite()
     elif name == "memory":
         table, raw = suites.memory_suite()
+    elif name == "training":
+        from .training import training_suite
+
+        table, raw = training_suite()
     else:
         raise SystemExit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
     stamp = datetime.date.today().isoformat()

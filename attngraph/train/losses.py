@@ -3,7 +3,9 @@
 Each takes graph Tensors and returns a Tensor of the same graph: a scalar for
 ``reduction="mean"`` (the default) or ``"sum"``, the per-element loss for ``"none"``.
 They are written with ordinary ops (``log_softmax``, ``where``, ``maximum`` ...), so
-``ag.grad`` differentiates them and the passes fuse them like the model.
+``ag.grad`` differentiates them and the passes fuse them like the model; ``cross_entropy``
+with int class targets is one ``softmax_cross_entropy`` op, whose gradient is one fused
+``softmax_cross_entropy_grad`` op.
 
 >>> logits = model(x)                                        # (B, T, V)
 >>> loss = cross_entropy(logits, targets, label_smoothing=0.1, ignore_index=0)
@@ -91,10 +93,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0
         if targets.dtype.is_float:
             targets = targets.transpose(order)
     num_classes = logits.shape[-1]
-    log_p = ops.log_softmax(logits, axis=-1)
     eps = float(label_smoothing)
 
     if targets.dtype.is_float:                       # class probabilities
+        log_p = ops.log_softmax(logits, axis=-1)
         if ignore_index is not None:
             raise AttngraphError(f"{fn}: ignore_index only applies to integer class targets")
         _check_same_shape(logits, targets, fn)
@@ -110,13 +112,12 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0
                          f"{format_shape(logits.shape[:-1])}, got {format_shape(targets.shape)}")
     if not isinstance(num_classes, int):
         raise ShapeError(f"{fn}: the class axis must have a fixed size, got {num_classes!r}")
-    loss = nll_from_log_probs(log_p, targets)                                    # (...)
-    if eps:
-        loss = loss * (1.0 - eps) - ops.mean(log_p, axis=-1) * eps
+    # one fused op (ops/softmax_cross_entropy.py): ignored targets give 0, and its gradient is
+    # one pass, (softmax - smoothed one-hot) * g
+    loss = ops.softmax_cross_entropy(logits, targets, label_smoothing=eps, ignore_index=ignore_index)   # (...)
     if ignore_index is None:
         return _reduce(loss, reduction)
     valid = (targets != int(ignore_index)).astype(logits.dtype)                 # (...) 1 where counted
-    loss = loss * valid
     if reduction == "mean":
         return ops.sum(loss) / ops.sum(valid)
     return _reduce(loss, reduction)

@@ -132,6 +132,40 @@ def _avg_pool2d_grad_oracle(g, size, kernel_size, stride, padding, count_include
     return xt.grad.numpy()
 
 
+def _layernorm_grad_oracle(x, *rest, eps, has_gamma, has_beta):
+    *affine, g = rest
+    xt = torch.tensor(x, requires_grad=True)
+    gamma = torch.tensor(affine[0], requires_grad=True) if has_gamma else None
+    beta = torch.zeros(x.shape[-1], dtype=xt.dtype, requires_grad=True) if has_beta else None
+    F.layer_norm(xt, (x.shape[-1],), gamma, beta, eps).backward(T(g))
+    return [t.grad.numpy() for t in (xt, gamma, beta) if t is not None]
+
+
+def _sce_torch(x, t, label_smoothing, ignore_index):
+    """Per-example torch cross-entropy; a target outside [0, C) that is not ignored picks nothing."""
+    t = T(t).long()
+    ii = -100 if ignore_index is None else ignore_index
+    ignored = t == ii
+    inside = (t >= 0) & (t < x.shape[-1])
+    safe = torch.where(inside & ~ignored, t, torch.full_like(t, ii))
+    loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), safe.reshape(-1), ignore_index=ii, reduction="none",
+                           label_smoothing=label_smoothing).reshape(t.shape)
+    if label_smoothing:   # rows torch ignored only because the target is out of range keep the smoothing term
+        smooth = -label_smoothing * torch.log_softmax(x, -1).mean(-1)
+        loss = torch.where(~inside & ~ignored, smooth, loss)
+    return loss
+
+
+def _sce_oracle(x, t, label_smoothing, ignore_index):
+    return _sce_torch(T(x), t, label_smoothing, ignore_index).numpy()
+
+
+def _sce_grad_oracle(x, t, g, label_smoothing, ignore_index):
+    xt = torch.tensor(x, requires_grad=True)
+    _sce_torch(xt, t, label_smoothing, ignore_index).backward(T(g))
+    return xt.grad.numpy()
+
+
 # op name → oracle(*inputs, **attrs). Independent of attngraph's references.
 ORACLES = {
     "add": lambda a, b: (T(a) + T(b)).numpy(),
@@ -190,6 +224,9 @@ ORACLES = {
     "trilu": _trilu_oracle,
     "attention": _attention_oracle,
     "attention_grad": _attention_grad_oracle,
+    "layernorm_grad": _layernorm_grad_oracle,
+    "softmax_cross_entropy": _sce_oracle,
+    "softmax_cross_entropy_grad": _sce_grad_oracle,
     "scatter_add": _scatter_add_oracle,
     "max_pool2d_grad": _max_pool2d_grad_oracle,
     "avg_pool2d_grad": _avg_pool2d_grad_oracle,
@@ -197,6 +234,29 @@ ORACLES = {
     "conv2d": None, "conv_transpose2d": None, "max_pool2d": None, "avg_pool2d": None, "upsample": None,
     "patchify": None, "pad": None,
 }
+
+
+def _expression_oracle(expr, arrays):
+    """Evaluate a fused region's expression tree with the oracles of the ops inside it."""
+    def walk(e):
+        if e[0] == "in":
+            return arrays[e[1]]
+        if e[0] == "const":
+            return np.asarray(e[1], dtype=e[2])
+        return ORACLES[e[0]](*(walk(c) for c in e[2:]), **dict(e[1]))
+    return walk(expr)
+
+
+def _residual_layernorm_oracle(a, b, *affine, **attrs):
+    total = (T(a) + T(b)).numpy()
+    return [total, _layernorm_oracle(total, *affine, **attrs)]
+
+
+ORACLES.update({
+    "fused_elementwise": lambda *xs, expr: _expression_oracle(expr, xs),
+    "matmul_epilogue": lambda a, b, *extra, expr: _expression_oracle(expr, (ORACLES["matmul"](a, b), *extra)),
+    "residual_layernorm": _residual_layernorm_oracle,
+})
 
 OPS = all_ops()
 EXAMPLES = [pytest.param(op.name, ex, id=f"{op.name}-{ex.label or i}")

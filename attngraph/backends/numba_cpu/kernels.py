@@ -14,7 +14,8 @@ bindings)``.
 
 ``NATIVE`` maps op name → builder: matmul (numpy's BLAS matmul into ``out``), attention (the
 flash kernel of attention_kernels.py), softmax over the last axis, layernorm, and sum / mean /
-max over the last axis (float32 and float64; other axes and dtypes decline). The Numba
+max over the last axis (float32 and float64; other axes and dtypes decline), and the fused
+backward ops of backward_kernels.py. The Numba
 functions are module-level ``@njit(cache=True, parallel=True)``, parallel over rows with
 ``prange``; each is compiled once per dtype (inputs are made C-contiguous and writeable
 first, so numba sees one array type per dtype). No BLAS call runs inside a parallel region:
@@ -278,6 +279,11 @@ NATIVE = {
     "mean": _build_reduction(_MEAN),
     "max": _build_reduction(_MAX),
 }
+
+# the fused backward ops (attention_grad, layernorm_grad, softmax_cross_entropy[_grad])
+from .backward_kernels import BACKWARD_NATIVE  # noqa: E402  (it imports the helpers above)
+
+NATIVE.update(BACKWARD_NATIVE)
 
 
 def native_kernel(node: Node):
