@@ -72,7 +72,7 @@ def graphs(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs(), st.integers(0, 2**31 - 1))
 def test_cpu_backend_equals_numpy_on_random_graphs(g, seed):
     rng = np.random.default_rng(seed)

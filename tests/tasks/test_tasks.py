@@ -243,8 +243,22 @@ def test_cli_train_rejects_bad_epochs(capsys):
 
 # -- the accuracy targets (slow) ------------------------------------------------------------------------
 
+@pytest.fixture
+def one_thread():
+    """These models are tiny: one numba thread and one BLAS thread is fastest, and keeps two
+    thread pools from spinning against each other on a 2-core machine."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    numba.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_decimal_to_binary_reaches_99_percent_exact_match():
+def test_decimal_to_binary_reaches_99_percent_exact_match(one_thread):
     t0 = time.perf_counter()
     result = d2b.run(d2b.Config())
     print(f"\n{result.summary()} ({time.perf_counter() - t0:.0f} s in all)")
@@ -253,7 +267,7 @@ def test_decimal_to_binary_reaches_99_percent_exact_match():
 
 
 @pytest.mark.slow
-def test_vit_digits_reaches_95_percent():
+def test_vit_digits_reaches_95_percent(one_thread):
     pytest.importorskip("sklearn")
     t0 = time.perf_counter()
     result = vit.run(vit.Config())
