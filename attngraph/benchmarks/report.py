@@ -70,6 +70,12 @@ def main(argv=None) -> None:
     parser.add_argument("suites", nargs="*", default=list(SUITES), help=f"any of {', '.join(SUITES)}")
     parser.add_argument("--out", default="docs/benchmarks.md", help="markdown file to update")
     args = parser.parse_args(argv)
+    # numba's and torch's OpenMP runtimes each keep their threads spinning after a parallel
+    # region; on 2 cores the spinning pool starves the other engine. Passive waiting makes the
+    # in-process comparison fair (set before either runtime starts).
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     set_threads(2)
     out = Path(args.out)
     for name in args.suites:
