@@ -73,6 +73,22 @@ class Executable:
     def _execute(self, feeds: dict[str, np.ndarray], bindings: dict[str, int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _cached_program(self, bindings: dict, make):
+        """The program (plan + buffers + prepared steps) for ``bindings``: made by ``make(plan)`` on
+        first use, kept for the ``max_plans`` most recently used sets of bindings."""
+        from ..plan import bindings_key, plan_memory
+
+        key = bindings_key(bindings)
+        program = self._programs.get(key)
+        if program is None:
+            program = make(plan_memory(self.graph, bindings))
+            self._programs[key] = program
+            while len(self._programs) > self.max_plans:
+                self._programs.popitem(last=False)
+        else:
+            self._programs.move_to_end(key)
+        return program
+
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.graph.name!r} backend={self.backend}: "
                 f"{len(self.graph.nodes)} nodes, inputs {list(self.graph.inputs)}, outputs {list(self.graph.outputs)}>")

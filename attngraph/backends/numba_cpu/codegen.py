@@ -106,18 +106,9 @@ def _describe(op_name: str, attrs: dict) -> str:
 
 def _op_order(expr) -> list[str]:
     """The op names of ``expr``, operands first, each distinct subtree once."""
-    seen, order = set(), []
+    from attngraph.ops.fused import expression_ops
 
-    def walk(e):
-        if e[0] in ("in", "const") or e in seen:
-            return
-        seen.add(e)
-        for c in e[2:]:
-            walk(c)
-        order.append(e[0])
-
-    walk(expr)
-    return order
+    return expression_ops(expr)
 
 
 KINDS = ("full", "row", "col", "scalar", "strided")

@@ -45,7 +45,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ...ir import SOURCE_OPS, Graph
-from ...plan import VIEW_OPS, MemoryPlan, bindings_key, check_bindings, plan_memory
+from ...plan import VIEW_OPS, MemoryPlan, check_bindings
 from ..arrays import c_contiguous
 from ..executable import Executable
 from ..feeds import bind_feeds
@@ -170,16 +170,7 @@ class CpuExecutable(Executable):
         return self._program(check_bindings(self.graph, bindings)).plan
 
     def _program(self, bindings: dict) -> _Program:
-        key = bindings_key(bindings)
-        program = self._programs.get(key)
-        if program is None:
-            program = _Program(self, plan_memory(self.graph, bindings))
-            self._programs[key] = program
-            while len(self._programs) > self.max_plans:
-                self._programs.popitem(last=False)
-        else:
-            self._programs.move_to_end(key)
-        return program
+        return self._cached_program(bindings, lambda plan: _Program(self, plan))
 
     # -- running -------------------------------------------------------------------------------
     def _execute(self, feeds, bindings):

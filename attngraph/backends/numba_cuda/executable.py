@@ -45,7 +45,7 @@ import numpy as np
 
 from ...errors import BackendError
 from ...ir import SOURCE_OPS, DType, Fusion, Graph, Node, eval_shape, get_op
-from ...plan import VIEW_OPS, MemoryPlan, bindings_key, check_bindings, plan_memory
+from ...plan import VIEW_OPS, MemoryPlan, check_bindings
 from ..arrays import c_contiguous
 from ..executable import Executable
 from ..numpy_ref import resolve_shape_attrs
@@ -535,16 +535,7 @@ class CudaExecutable(Executable):
         return list(self._program(check_bindings(self.graph, bindings)).launches)
 
     def _program(self, bindings: dict) -> _Program:
-        key = bindings_key(bindings)
-        program = self._programs.get(key)
-        if program is None:
-            program = _Program(self, plan_memory(self.graph, bindings))
-            self._programs[key] = program
-            while len(self._programs) > self.max_plans:
-                self._programs.popitem(last=False)
-        else:
-            self._programs.move_to_end(key)
-        return program
+        return self._cached_program(bindings, lambda plan: _Program(self, plan))
 
     # -- parameters --------------------------------------------------------------------------------
     def sync_params(self, names=None) -> None:
