@@ -36,7 +36,6 @@ With ``NUMBA_DISABLE_JIT=1`` the same file runs as plain Python, for debugging.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -47,6 +46,7 @@ from numpy.lib.stride_tricks import as_strided
 from ...ir import DType, Node, TensorType, as_dtype, get_op
 from ...ir.source import Source
 from .kernel_cache import cache_dir, kernel_path, load_kernel
+from ..expression import literal as _literal, scalar_template as _template
 
 __all__ = ["node_expression", "elementwise_source", "elementwise_header", "elementwise_kernel", "ElementwiseKernel",
            "run_elementwise", "access_kind", "predicted_kinds", "KINDS", "CHUNK", "matmul_epilogue_kernel",
@@ -69,32 +69,6 @@ def node_expression(node: Node) -> tuple:
     if node.op == "fused_elementwise":
         return node.attrs["expr"]
     return (node.op, tuple(sorted(node.attrs.items()))) + tuple(("in", k) for k in range(len(node.inputs)))
-
-
-def _literal(value) -> str:
-    if isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "math.nan"
-        if math.isinf(value):
-            return "math.inf" if value > 0 else "-math.inf"
-        return repr(value)
-    return repr(value)
-
-
-def _template(op_name: str, attrs: dict) -> str:
-    cpu = get_op(op_name).cpu
-    if isinstance(cpu, str):
-        return cpu
-    if isinstance(cpu, dict):
-        for value in attrs.values():
-            if isinstance(value, (str, int, float, bool)) and value in cpu:
-                return cpu[value]
-        raise NotImplementedError(f"{op_name}: no cpu template for attrs {attrs}")
-    raise NotImplementedError(f"{op_name} has no scalar cpu template; it cannot be part of a generated kernel")
 
 
 def _describe(op_name: str, attrs: dict) -> str:

@@ -59,6 +59,7 @@ from numba.core import config as numba_config
 
 from ...ir import DType, TensorType, as_dtype, get_op
 from ..arrays import c_contiguous
+from ..expression import literal as _literal, scalar_template as _template
 
 __all__ = [
     "SIMULATOR", "Tiles", "GPU_TILES", "SIM_TILES", "default_tiles", "Arena", "Ref", "Arg", "Sub", "Launch",
@@ -458,29 +459,6 @@ def _grid_1d(n: int, threads: int, tiles: Tiles) -> int:
 _CONVERT = {DType.float32: "np.float32", DType.float64: "np.float64", DType.int32: "np.int32",
             DType.int64: "np.int64", DType.bool: "_bool"}
 _FLOAT_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?)")
-
-
-def _literal(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
-        return repr(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "math.nan"
-        if math.isinf(value):
-            return "math.inf" if value > 0 else "-math.inf"
-    return repr(value)
-
-
-def _template(op_name: str, attrs: dict) -> str:
-    """The op's scalar template from its ``cpu`` slot (the registry's one spelling of it)."""
-    tpl = get_op(op_name).cpu
-    if isinstance(tpl, str):
-        return tpl
-    if isinstance(tpl, dict):
-        for value in attrs.values():
-            if isinstance(value, (str, int, float, bool)) and value in tpl:
-                return tpl[value]
-    raise NotImplementedError(f"{op_name} has no scalar template; it cannot run in a generated CUDA kernel")
 
 
 def has_template(op_name: str, attrs: dict) -> bool:
