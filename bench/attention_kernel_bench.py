@@ -6,10 +6,11 @@
 
 Method: every implementation runs with 2 threads (numba.set_num_threads(2),
 torch.set_num_threads(2), BLAS limited to 2 threads for numpy).  Repeats are interleaved
-(round r runs attngraph, torch, numpy one after the other); inside a round each
-implementation gets one untimed warm-up call and then ``inner`` timed calls, so the OpenMP
-spin-wait of one runtime (numba's libgomp vs torch's bundled libgomp) does not bleed into the
-other's timing.  Reported numbers are medians over rounds of the per-call mean, in ms.
+(round r runs attngraph, torch, numpy one after the other).  Three thread runtimes live in
+this process (numba's libgomp, torch's bundled libgomp, numpy's OpenBLAS) and each keeps its
+workers spinning for a while after a call, which on 2 cores starves the next runtime (torch
+measured 30x slower right after numpy).  So each switch pauses SETTLE_S (spinners go to
+sleep), warms up for WARM_S, then times ``inner`` calls.  Reported numbers are medians over rounds of the per-call mean, in ms.
 float32 throughout.
 
 Shared machines: the CPU time used by *other* processes during each measurement is taken from
@@ -33,6 +34,14 @@ import time
 
 import numpy as np
 
+# torch first: its libtorch links "libgomp.so.1" and ships its own copy; if numba's OpenMP
+# threading layer has already loaded the system libgomp.so.1, torch binds to that one and its
+# SDPA became ~100x slower here (171 ms instead of 1.4 ms at (8,4,128,64)).
+try:
+    import torch as _torch
+except ImportError:  # pragma: no cover
+    _torch = None
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_FILE = ROOT / "attngraph" / "backends" / "numba_cpu" / "attention_kernels.py"
 NTHREADS = 2
@@ -44,7 +53,8 @@ def load_kernels():
         from attngraph.backends.numba_cpu import attention_kernels as mod
         return mod
     except Exception:  # package __init__ in flux: load the file on its own
-        name = "attngraph_attention_kernels_standalone"
+        # the canonical name: numba's disk cache pickles the module name of each entry
+        name = "attngraph.backends.numba_cpu.attention_kernels"
         spec = importlib.util.spec_from_file_location(name, KERNEL_FILE)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
@@ -84,8 +94,9 @@ def _busy_cpu_seconds():
 
 
 def _own_cpu_seconds():
+    """CPU seconds of this process and its waited-for children (the compile subprocesses)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def foreign_load(fn):
@@ -96,7 +107,7 @@ def foreign_load(fn):
     return r, max(0.0, ((b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9))
 
 
-def wait_quiet(max_wait=120.0):
+def wait_quiet(max_wait=600.0):
     """Wait (up to max_wait s) until other processes use less than QUIET CPUs."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < max_wait:
@@ -121,11 +132,19 @@ def measure(fns, rounds, inner):
     return best
 
 
+SETTLE_S = 0.3   # pause when switching implementation: the previous runtime's spinning
+WARM_S = 0.05    # workers (libgomp, OpenBLAS) go to sleep; then warm up for >= WARM_S
+
+
 def timeit_interleaved(fns, rounds, inner):
     res = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            fn()  # warm-up: let the other runtime's worker threads go idle / warm caches
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            fn()
+            while time.perf_counter() - t0 < WARM_S:
+                fn()
             t0 = CLOCK()
             for _ in range(inner):
                 fn()
@@ -231,23 +250,28 @@ def bench_backward(ak, torch, quick):
 # ----------------------------------------------------------------------------------------
 
 _MEM_CHILD = textwrap.dedent("""
-    import importlib.util, resource, sys, numpy as np, numba
-    spec = importlib.util.spec_from_file_location("akbench", {bench!r})
-    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
-    ak = bench.load_kernels()
+    import importlib.util, sys, numpy as np, numba
+    name = "attngraph.backends.numba_cpu.attention_kernels"  # numba's cache pickles the name
+    spec = importlib.util.spec_from_file_location(name, {kfile!r})
+    ak = importlib.util.module_from_spec(spec)
+    sys.modules[name] = ak
+    spec.loader.exec_module(ak)
     numba.set_num_threads({nt})
     B, H, T, D = {shape}
     x = np.ones((1, 1, 8, D), np.float32)
     ak.attention_forward(x, x, x, causal=True)          # load kernels, start the thread pool
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, H, T, D), dtype=np.float32) for _ in range(3))
-    out = np.empty((B, H, T, D), np.float32); out[...] = 1  # pre-fault a buffer as big as the output
-    del out
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+    with open("/proc/self/clear_refs", "w") as f:       # reset the peak-RSS high-water mark
+        f.write("5")
+    before = status("VmRSS:")
     o = ak.attention_forward(q, k, v, causal={causal})
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    print(status("VmHWM:") - before)
 """)
+
 
 
 
@@ -270,7 +294,7 @@ def bench_memory(ak, quick):
         outb = B * H * T * D * 4 + B * H * T * 4
         measured = []
         for causal in (False, True):
-            code = _MEM_CHILD.format(bench=str(pathlib.Path(__file__).resolve()), nt=NTHREADS,
+            code = _MEM_CHILD.format(kfile=str(KERNEL_FILE), nt=NTHREADS,
                                      shape=(B, H, T, D), causal=causal)
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                timeout=600)
@@ -284,7 +308,8 @@ def bench_memory(ak, quick):
                      f"{naive / 2**30:.2f} GiB"])
         print("  mem", rows[-1], flush=True)
     return _md_table(["shape", "block q x k", "scratch (computed, 2 threads)",
-                      "scratch + out + lse (computed)", "ru_maxrss delta (non-causal / causal)",
+                      "scratch + out + lse (computed)",
+                      "measured peak RSS increase (non-causal / causal)",
                       "numpy scores matrix alone"], rows)
 
 
@@ -302,7 +327,8 @@ def bench_gemm(ak):
         M, K = A.shape
         N = B.shape[1]
         for _ in range(reps):
-            ak._gemm(C[0, 0], ak._ptr(A), 0, K, 1, ak._ptr(B), 0, N, ak._ptr(C), 0, N, M, N, K, 1)
+            ak._gemm(C[0, 0], ak._ptr(A), 0, K, 1, ak._ptr(B), 0, N, ak._ptr(C), 0, N, M, N, K, 1,
+                     0, 0)
 
     @numba.njit(cache=False)
     def dot_loop(A, B, C, reps):
@@ -338,39 +364,43 @@ def bench_gemm(ak):
 
 _COMPILE_CHILD = textwrap.dedent("""
     import time, sys
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     import importlib.util, numpy as np
-    spec = importlib.util.spec_from_file_location("akbench", {bench!r})
-    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
-    ak = bench.load_kernels()
-    t1 = time.perf_counter()
-    res = [t1 - t0]
+    name = "attngraph.backends.numba_cpu.attention_kernels"  # numba's cache pickles the name
+    spec = importlib.util.spec_from_file_location(name, {kfile!r})
+    ak = importlib.util.module_from_spec(spec)
+    sys.modules[name] = ak
+    spec.loader.exec_module(ak)
+    res = [(time.perf_counter() - t0, time.process_time() - c0)]
     for dt in (np.float32, np.float64):
         x = np.ones((1, 1, 8, 16), dt)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         o, l = ak.attention_forward(x, x, x, return_lse=True)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         ak.attention_backward(x, x, x, o, l, x)
-        res += [t2 - t, time.perf_counter() - t2]
-    print(" ".join("%.3f" % r for r in res))
+        res += [(t2 - t, c2 - c), (time.perf_counter() - t2, time.process_time() - c2)]
+    print(" ".join("%.3f/%.3f" % r for r in res))
 """)
 
 
 def bench_compile():
+    """Cold compile and warm (cache hit) load, each in a fresh process with a private
+    NUMBA_CACHE_DIR; wall / CPU seconds (CPU time is the robust number on a shared machine)."""
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        code = _COMPILE_CHILD.format(bench=str(pathlib.Path(__file__).resolve()))
+        code = _COMPILE_CHILD.format(kfile=str(KERNEL_FILE))
         for label in ("cold (empty cache)", "warm (cache hit)"):
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env=env, timeout=900)
+            r, load = foreign_load(lambda: subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                timeout=1800))
             if r.returncode != 0:
                 raise RuntimeError(r.stderr)
-            vals = [float(x) for x in r.stdout.split()]
-            rows.append([label] + [f"{x:.2f}" for x in vals])
+            vals = r.stdout.split()[-5:]
+            rows.append([label] + vals + [f"{load:.2f}"])
             print("  compile", rows[-1], flush=True)
-    return _md_table(["process", "import s", "fwd f32 s", "bwd f32 s", "fwd f64 s", "bwd f64 s"],
-                     rows)
+    return _md_table(["process", "import numba + module s (wall/cpu)", "fwd f32 s", "bwd f32 s", "fwd f64 s",
+                      "bwd f64 s", "other load (CPUs)"], rows)
 
 
 def main():
@@ -392,7 +422,9 @@ def main():
     ak = load_kernels()
     torch = None
     if parts & {"fwd", "bwd"}:
-        import torch
+        if _torch is None:
+            raise SystemExit("torch is needed for --only fwd/bwd")
+        torch = _torch
         torch.set_num_threads(NTHREADS)
     print(f"# attention kernel benchmark  (threads={NTHREADS}, numba {numba.__version__}, "
           f"clock={'process CPU time' if args.cpu_time else 'wall'}, vector bytes={ak._VB})")

@@ -121,12 +121,14 @@ def _make_tile(R: int, NV: int):
     the buffers (the caller keeps the arrays alive)."""
 
     @intrinsic
-    def tile(typingctx, marker, ap_, a_off, lda, ak, bp_, b_off, ldb, cp_, c_off, ldc, K, zero):
+    def tile(typingctx, marker, ap_, a_off, lda, ak, bp_, b_off, ldb, cp_, c_off, ldc, K, zero,
+             mxp_, mx_off):
         ip = types.intp
-        sig = types.void(marker, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip)
+        sig = types.void(marker, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip, ip)
 
         def codegen(context, builder, signature, args):
-            _, ap_i, aoff, lda_v, ak_v, bp_i, boff, ldb_v, cp_i, coff, ldc_v, K_v, z_v = args
+            (_, ap_i, aoff, lda_v, ak_v, bp_i, boff, ldb_v, cp_i, coff, ldc_v, K_v, z_v,
+             mxp_i, mxoff) = args
             fty = context.get_value_type(signature.args[0])
             isz = context.get_abi_sizeof(fty)
             L = _VB // isz
@@ -180,9 +182,23 @@ def _make_tile(R: int, NV: int):
                     for v in range(NV):
                         builder.store(builder.call(fma, [av, bvs[v], builder.load(accs[r][v])]),
                                       accs[r][v])
+            vals = [[builder.load(accs[r][v]) for v in range(NV)] for r in range(R)]
             for r in range(R):
                 for v in range(NV):
-                    builder.store(builder.load(accs[r][v]), cptrs[r][v], align=isz)
+                    builder.store(vals[r][v], cptrs[r][v], align=isz)
+            # optional epilogue: running column max  mx[mx_off + j] = max(mx[..], C[0..R-1, j])
+            # (NaNs are ignored, like the scalar max pass it replaces)
+            with builder.if_then(builder.icmp_signed("!=", mxp_i, c(0))):
+                mxp = builder.inttoptr(mxp_i, fty.as_pointer())
+                for v in range(NV):
+                    m = vals[0][v]
+                    for r in range(1, R):
+                        x = vals[r][v]
+                        m = builder.select(builder.fcmp_ordered(">", x, m), x, m)
+                    p = builder.bitcast(builder.gep(mxp, [builder.add(mxoff, c(v * L))]), vptr)
+                    old = builder.load(p, align=isz)
+                    builder.store(builder.select(builder.fcmp_ordered(">", m, old), m, old), p,
+                                  align=isz)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -310,9 +326,10 @@ def _fetch_add(typingctx, counter, idx):
 
 
 @njit(fastmath=_FASTMATH)
-def _gemm(mk, A, a_off, lda, ak, B, b_off, ldb, C, c_off, ldc, M, N, K, zero):
+def _gemm(mk, A, a_off, lda, ak, B, b_off, ldb, C, c_off, ldc, M, N, K, zero, mxp, mx_off):
     """C[i, j] (+)= sum_k A[i, k] B[k, j] on flat element offsets of the data addresses A, B,
-    C (dtype of the scalar ``mk``); M % 4 == 0, N % lanes == 0."""
+    C (dtype of the scalar ``mk``); M % 4 == 0, N % lanes == 0.  If ``mxp`` (an address) is
+    not 0, also mx[mx_off + j] = max(mx[mx_off + j], max_i C[i, j]) for the computed C."""
     L = _lanes(mk)
     WB = _NV_BIG * L
     WM = _NV_MID * L
@@ -321,17 +338,20 @@ def _gemm(mk, A, a_off, lda, ak, B, b_off, ldb, C, c_off, ldc, M, N, K, zero):
         co = c_off + i * ldc
         j = 0
         while j + WB <= N:
-            _tile_big(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero)
+            _tile_big(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero,
+                      mxp, mx_off + j)
             j += WB
         if j + WM <= N:
-            _tile_mid(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero)
+            _tile_mid(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero,
+                      mxp, mx_off + j)
             j += WM
         while j < N:
-            _tile_one(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero)
+            _tile_one(mk, A, ao, lda, ak, B, b_off + j, ldb, C, co + j, ldc, K, zero,
+                      mxp, mx_off + j)
             j += L
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, inline="always")
 def _round_up(x, m):
     return (x + m - 1) // m * m
 
@@ -339,27 +359,38 @@ def _round_up(x, m):
 _NO_DIAG = -(1 << 40)
 
 
+@njit(inline="always")
+def _int_consts():
+    return np.intp(0), np.intp(1), np.intp(_ROWS)
+
+
 @njit(fastmath=_FASTMATH)
-def _rows_times_T(X, row0, nr, Kd, BT, ldbt, nc, C, ldc, tail, diag):
+def _rows_times_T(X, row0, nr, Kd, BT, ldbt, nc, C, ldc, tail, diag, mx, use_mx):
     """C[j, i] = sum_d X[row0 + j, d] * BT[d, i] for j < round_up(nr, 4), i < nc (zero init).
     X rows are read in place (leading dim X.shape[1]); the last partial 4-row tile goes
     through the zero padded ``tail`` scratch so nothing is read past the end of X.
     Causal diagonal tiles (``diag`` = key offset - query offset, else _NO_DIAG): columns
     i < j + diag are causally masked for row j, so each 4-row tile starts at the vector
-    containing column j + diag (the skipped entries are overwritten with -inf by the mask)."""
+    containing column j + diag (the skipped entries are overwritten with -inf by the mask).
+    ``use_mx`` (not with ``diag``): also mx[i] = max(mx[i], max_{j < nr} C[j, i]), fused into
+    the micro-kernel epilogue."""
+    # non-literal ints: literal arguments would make numba compile one copy of the helpers
+    # (and of the inlined micro-kernels) per distinct constant
+    I0, I1, I4 = _int_consts()
     ldx = X.shape[1]
     L = _lanes(C[0, 0])
     n_main = nr // _ROWS * _ROWS
+    mxp = _ptr(mx) if use_mx else 0
     if diag == _NO_DIAG:
         if n_main > 0:
-            _gemm(C[0, 0], _ptr(X), row0 * ldx, ldx, 1, _ptr(BT), 0, ldbt, _ptr(C), 0, ldc,
-                  n_main, nc, Kd, 1)
+            _gemm(C[0, 0], _ptr(X), row0 * ldx, ldx, I1, _ptr(BT), I0, ldbt, _ptr(C), I0, ldc,
+                  n_main, nc, Kd, I1, mxp, I0)
     else:
         for j in range(0, n_main, _ROWS):
             cs = max(0, j + diag) // L * L
             if cs < nc:
-                _gemm(C[0, 0], _ptr(X), (row0 + j) * ldx, ldx, 1, _ptr(BT), cs, ldbt, _ptr(C),
-                      j * ldc + cs, ldc, _ROWS, nc - cs, Kd, 1)
+                _gemm(C[0, 0], _ptr(X), (row0 + j) * ldx, ldx, I1, _ptr(BT), cs, ldbt, _ptr(C),
+                      j * ldc + cs, ldc, I4, nc - cs, Kd, I1, I0, I0)
     rem = nr - n_main
     if rem > 0:
         cs = 0
@@ -374,8 +405,14 @@ def _rows_times_T(X, row0, nr, Kd, BT, ldbt, nc, C, ldc, tail, diag):
                 else:
                     for d in range(Kd):
                         tail[r, d] = 0
-            _gemm(C[0, 0], _ptr(tail), 0, tail.shape[1], 1, _ptr(BT), cs, ldbt, _ptr(C),
-                  n_main * ldc + cs, ldc, _ROWS, nc - cs, Kd, 1)
+            _gemm(C[0, 0], _ptr(tail), I0, tail.shape[1], I1, _ptr(BT), cs, ldbt, _ptr(C),
+                  n_main * ldc + cs, ldc, I4, nc - cs, Kd, I1, I0, I0)
+            if use_mx:  # the zero padding rows must not enter the max
+                for r in range(rem):
+                    crow = C[n_main + r]
+                    for i in range(nc):
+                        x = crow[i]
+                        mx[i] = x if x > mx[i] else mx[i]
 
 
 @njit(fastmath=_FASTMATH)
@@ -435,6 +472,9 @@ def _fwd_worker(counter, q, krows, vrows, bias, mask, has_bias, has_mask, causal
     ldv = vrows.shape[1]
     ninf = -np.inf
     zero = scale - scale
+    # non-literal ints: literal arguments would make numba compile one copy of the helpers
+    # (and of the inlined micro-kernels) per distinct constant
+    I0, I1, I4 = _int_consts()
 
     nitems = BH * nqb
     # per-thread scratch: O(bq*bk + (bq + bk)*(D + Dv))
@@ -483,19 +523,22 @@ def _fwd_worker(counter, q, krows, vrows, bias, mask, has_bias, has_mask, causal
             # St[j, i] = s(query i0+i, key j0+j)
             diag = causal and j0 + nk - 1 > i0
             doff = j0 - i0 if diag else _NO_DIAG
-            _rows_times_T(krows, bh * Tk + j0, nk, D, QT, bqp, nc, St, bqp, Ktail, doff)
-            if has_bias or has_mask or diag:
-                _mask_scores_T(St, bias, mask, has_bias, has_mask, diag,
-                               b, h, i0, nq, nc, j0, nk)
-            # ---- online softmax, column-wise (vectorized over queries) -------------
+            # column max fused into the GEMM unless bias / mask / causal edit the scores
+            fuse = not (has_bias or has_mask or diag)
             for i in range(nc):
                 mx[i] = ninf
                 ls[i] = 0
-            for j in range(nk):
-                row = St[j]
-                for i in range(nc):
-                    x = row[i]
-                    mx[i] = x if x > mx[i] else mx[i]
+            _rows_times_T(krows, bh * Tk + j0, nk, D, QT, bqp, nc, St, bqp, Ktail, doff, mx,
+                          fuse)
+            if not fuse:
+                _mask_scores_T(St, bias, mask, has_bias, has_mask, diag,
+                               b, h, i0, nq, nc, j0, nk)
+                for j in range(nk):
+                    row = St[j]
+                    for i in range(nc):
+                        x = row[i]
+                        mx[i] = x if x > mx[i] else mx[i]
+            # ---- online softmax, column-wise (vectorized over queries) -------------
             for i in range(nc):
                 mo = m[i]
                 mn = mx[i] if mx[i] > mo else mo
@@ -522,11 +565,11 @@ def _fwd_worker(counter, q, krows, vrows, bias, mask, has_bias, has_mask, causal
                 for i in range(0, nq4, _ROWS):
                     kn = min(nk, i0 + i + _ROWS - j0)
                     if kn > 0:
-                        _gemm(zero, _ptr(St), i, 1, bqp, _ptr(vrows), (bh * Tk + j0) * ldv, ldv,
-                              _ptr(O), i * Dvp, Dvp, _ROWS, Dvp, kn, 0)
+                        _gemm(zero, _ptr(St), i, I1, bqp, _ptr(vrows), (bh * Tk + j0) * ldv, ldv,
+                              _ptr(O), i * Dvp, Dvp, I4, Dvp, kn, I0, I0, I0)
             else:
-                _gemm(zero, _ptr(St), 0, 1, bqp, _ptr(vrows), (bh * Tk + j0) * ldv, ldv,
-                      _ptr(O), 0, Dvp, nq4, Dvp, nk, 0)
+                _gemm(zero, _ptr(St), I0, I1, bqp, _ptr(vrows), (bh * Tk + j0) * ldv, ldv,
+                      _ptr(O), I0, Dvp, nq4, Dvp, nk, I0, I0, I0)
         for i in range(nq):
             li = l[i]
             orow = out[b, h, i0 + i]
@@ -637,6 +680,10 @@ def _bwd_main_worker(t, counter, q, qrows, krows, vrows, dorows, bias, mask, has
     ldv = vrows.shape[1]
     lddo = dorows.shape[1]
     zero = scale - scale
+    # non-literal ints: literal arguments would make numba compile one copy of the helpers
+    # (and of the inlined micro-kernels) per distinct constant
+    I0, I1, I4 = _int_consts()
+    no_mx = np.bool_(False)
     if nbuf == 1:
         n2 = BH
         per = nkb
@@ -686,7 +733,7 @@ def _bwd_main_worker(t, counter, q, qrows, krows, vrows, dorows, bias, mask, has
                 diag = causal and j0 + nk - 1 > i0
                 doff = j0 - i0 if diag else _NO_DIAG
                 _rows_times_T(krows, bh * Tk + j0, nk, D, QTp[pk], bqp, nc, St, bqp, Ktail,
-                              doff)
+                              doff, Li, no_mx)
                 if has_bias or has_mask or diag:
                     _mask_scores_T(St, bias, mask, has_bias, has_mask, diag,
                                    b, h, i0, nq, nc, j0, nk)
@@ -699,15 +746,15 @@ def _bwd_main_worker(t, counter, q, qrows, krows, vrows, dorows, bias, mask, has
                     for j in range(0, nk4, _ROWS):
                         ks = max(0, j + doff)
                         if ks < nq:
-                            _gemm(zero, _ptr(St), j * bqp + ks, bqp, 1, _ptr(dorows),
+                            _gemm(zero, _ptr(St), j * bqp + ks, bqp, I1, _ptr(dorows),
                                   (bh * Tq + i0 + ks) * lddo, lddo, _ptr(dVa), j * Dvp, Dvp,
-                                  _ROWS, Dvp, nq - ks, 0)
+                                  I4, Dvp, nq - ks, I0, I0, I0)
                 else:
-                    _gemm(zero, _ptr(St), 0, bqp, 1, _ptr(dorows), (bh * Tq + i0) * lddo, lddo,
-                          _ptr(dVa), 0, Dvp, nk4, Dvp, nq, 0)
+                    _gemm(zero, _ptr(St), I0, bqp, I1, _ptr(dorows), (bh * Tq + i0) * lddo, lddo,
+                          _ptr(dVa), I0, Dvp, nk4, Dvp, nq, I0, I0, I0)
                 # dP^T = V dO^T
                 _rows_times_T(vrows, bh * Tk + j0, nk, Dv, dOTp[pk], bqp, nc, dPt, bqp, Vtail,
-                              doff)
+                              doff, Li, no_mx)
                 # dS^T = P^T * (dP^T - Di)   (zero where causally masked: dP^T not computed)
                 for j in range(nk):
                     prow = St[j]
@@ -724,22 +771,22 @@ def _bwd_main_worker(t, counter, q, qrows, krows, vrows, dorows, bias, mask, has
                     for j in range(0, nk4, _ROWS):
                         ks = max(0, j + doff)
                         if ks < nq:
-                            _gemm(zero, _ptr(dPt), j * bqp + ks, bqp, 1, _ptr(qrows),
+                            _gemm(zero, _ptr(dPt), j * bqp + ks, bqp, I1, _ptr(qrows),
                                   (bh * Tq + i0 + ks) * ldq, ldq, _ptr(dKa), j * Dp, Dp,
-                                  _ROWS, Dp, nq - ks, 0)
+                                  I4, Dp, nq - ks, I0, I0, I0)
                 else:
-                    _gemm(zero, _ptr(dPt), 0, bqp, 1, _ptr(qrows), (bh * Tq + i0) * ldq, ldq,
-                          _ptr(dKa), 0, Dp, nk4, Dp, nq, 0)
+                    _gemm(zero, _ptr(dPt), I0, bqp, I1, _ptr(qrows), (bh * Tq + i0) * ldq, ldq,
+                          _ptr(dKa), I0, Dp, nk4, Dp, nq, I0, I0, I0)
                 # dQ += dS K        (scale applied in pass 3)
                 if diag:
                     for i in range(0, nq4, _ROWS):
                         kn = min(nk, i0 + i + _ROWS - j0)
                         if kn > 0:
-                            _gemm(zero, _ptr(dPt), i, 1, bqp, _ptr(krows), (bh * Tk + j0) * ldk,
-                                  ldk, _ptr(dQb), (pk * bq4 + i) * Dp, Dp, _ROWS, Dp, kn, 0)
+                            _gemm(zero, _ptr(dPt), i, I1, bqp, _ptr(krows), (bh * Tk + j0) * ldk,
+                                  ldk, _ptr(dQb), (pk * bq4 + i) * Dp, Dp, I4, Dp, kn, I0, I0, I0)
                 else:
-                    _gemm(zero, _ptr(dPt), 0, 1, bqp, _ptr(krows), (bh * Tk + j0) * ldk, ldk,
-                          _ptr(dQb), pk * bq4 * Dp, Dp, nq4, Dp, nk, 0)
+                    _gemm(zero, _ptr(dPt), I0, I1, bqp, _ptr(krows), (bh * Tk + j0) * ldk, ldk,
+                          _ptr(dQb), pk * bq4 * Dp, Dp, nq4, Dp, nk, I0, I0, I0)
             for j in range(nk):
                 dkrow = dk[b, h, j0 + j]
                 src = dKa[j]
@@ -843,7 +890,20 @@ def _kernel(name, dt):
     if fn is None:
         nbdt = numba.from_dtype(np.dtype(dt))
         py = {"fwd": _fwd_impl, "bwd": _bwd_impl}[name]
-        fn = njit(_signature(name, nbdt), **_JIT_OPTS)(py)
+        sig = _signature(name, nbdt)
+        fn = njit(**_JIT_OPTS)(py)
+        try:
+            fn.compile(sig)
+        except Exception:
+            # numba's disk cache is keyed by file, but an entry pickles the *module name* it
+            # was compiled under; an entry written by a process that loaded this file under
+            # another name cannot be loaded here.  Drop the stale entries and recompile.
+            cache = getattr(fn, "_cache", None)
+            if cache is None or not hasattr(cache, "flush"):
+                raise
+            cache.flush()
+            fn.compile(sig)
+        fn.disable_compile()  # exactly one specialisation per kernel and dtype
         _KERNELS[key] = fn
     return fn
 
