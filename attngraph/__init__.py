@@ -43,12 +43,14 @@ from . import io  # noqa: E402
 from . import nn  # noqa: E402  (torch-compatible modules; needs the ops)
 from . import train  # noqa: E402
 from .onnx_import import from_onnx  # noqa: E402  (imports onnx only when called)
+from . import models  # noqa: E402  (each model family is imported on first use)
+from . import viz  # noqa: E402  (imports matplotlib only when a picture is drawn)
 
 float32, float64, int32, int64, bool_ = (DType.float32, DType.float64, DType.int32, DType.int64, DType.bool)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph", "Tensor", "DType", "TensorType", "compile", "from_onnx", "grad", "errors", "ir", "io", "nn", "ops", "train",
+    "Graph", "Tensor", "DType", "TensorType", "compile", "from_onnx", "grad", "errors", "ir", "io", "models", "nn", "ops", "train", "viz",
     "float32", "float64", "int32", "int64", "bool_",
 ] + list(ops.__all__)

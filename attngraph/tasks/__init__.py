@@ -17,6 +17,10 @@ __all__ = ["TASKS", "load_task"]
 TASKS = {
     "decimal-to-binary": "attngraph.tasks.decimal_to_binary",
     "vit-digits": "attngraph.tasks.vit_digits",
+    "bahdanau-decimal": "attngraph.tasks.bahdanau_decimal",
+    "captioning-shapes": "attngraph.tasks.captioning_shapes",
+    "detr-shapes": "attngraph.tasks.detr_shapes",
+    "segmentation-shapes": "attngraph.tasks.segmentation_shapes",
 }
 
 

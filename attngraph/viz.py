@@ -1,0 +1,1 @@
+"""Pictures of attention (placeholder; being written)."""
