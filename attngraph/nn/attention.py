@@ -3,7 +3,8 @@
 The graph is the textbook one: project, split heads by reshape + transpose, ``q kᵀ``,
 scale, add float masks, fill bool masks with −inf, softmax, ``@ v``, merge heads, project.
 The optimizer's attention fusion turns that chain into one ``attention`` node. With
-``need_weights=True`` the softmax is also an output, so it stays a node of its own.
+``need_weights=True`` the softmax is read elsewhere too, and the fuser makes it the second
+output of that node (``attention(..., return_weights=True)``).
 """
 
 from __future__ import annotations

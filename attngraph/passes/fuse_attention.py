@@ -15,6 +15,16 @@ Masks that are exactly "above the diagonal" (``trilu(full(True), k=1)``, a const
 ``np.triu(ones, 1)``, or an additive const of −inf above the diagonal) become ``causal=True``.
 Every intermediate must have no other reader; when a softmax-of-matmul does not fuse,
 ``explain`` says why.
+
+Weights kept: when the probabilities ``P`` are read by something besides ``P @ V`` (a graph
+output for attention pictures, MultiheadAttention's mean over heads, a backward pass), the
+rule ``fuse_attention_weights`` fires at the softmax instead: it makes
+``attention(..., return_weights=True)``, whose second output replaces ``P`` for every
+reader, and ``fuse_attention`` then turns ``matmul(weights, V)`` into its first output. This
+needs V to exist before the softmax in the graph's order (it does for code written as
+``softmax(s) @ v`` with ``v`` computed first); otherwise the pattern stays unfused and
+``explain`` says so. When only
+``P @ V`` reads ``P``, nothing changes: the default form never materialises the T×T matrix.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ from ..ir import Graph, Node, Value
 from .rewrite import Event, PassLog, Rewriter, Rule
 
 __all__ = ["RULES", "analyze", "report_near_misses"]
+
+_WEIGHTS_READ_ELSEWHERE = ("the attention weights are also used elsewhere and the fused op could not return them "
+                           "(V must be computed before the softmax, with batch dims no larger than the scores')")
 
 
 @dataclass
@@ -79,19 +92,26 @@ def _reaches_matmul(v: Value, depth: int = 8) -> bool:
 
 def analyze(ctx, matmul: Node) -> Match | str | None:
     """The attention pattern rooted at ``matmul`` (= P @ V), or a reason it is not one, or None
-    when this matmul is not a softmax @ V at all."""
+    when this matmul is not a softmax @ V at all. P must have no other reader (autodiff relies
+    on that too: it differentiates a matched pattern as a whole)."""
     p, v = matmul.inputs
     soft = p.node
     if soft.op != "softmax":
         return None
-    s = soft.inputs[0]
-    if soft.attrs["axis"] != s.type.rank - 1:
+    if soft.attrs["axis"] != soft.inputs[0].type.rank - 1:
         return "the softmax is not over the last axis (the keys)"
-    if _uses(ctx, p) != 1:
-        return "the attention weights are also used elsewhere (ask for them as an output to keep them)"
+    m = _analyze_scores(ctx, soft, v, [matmul, soft])
+    if _uses(ctx, p) != 1:                        # fuse_keeping_weights declined it
+        return m if isinstance(m, str) else _WEIGHTS_READ_ELSEWHERE
+    return m
+
+
+def _analyze_scores(ctx, soft: Node, v: Value, nodes: list) -> Match | str:
+    """The pattern behind ``softmax`` (over the last axis) with values ``v``: peel the score chain."""
+    s = soft.inputs[0]
     if s.type.rank < 2:
         return "the scores have rank < 2"
-    m = Match(q=None, kt=None, v=v, nodes=[matmul, soft])  # type: ignore[arg-type]
+    m = Match(q=None, kt=None, v=v, nodes=list(nodes))  # type: ignore[arg-type]
     scale_outside = 1.0
     for _ in range(32):
         n = s.node
@@ -253,12 +273,64 @@ def _k_from_kt(rw: Rewriter, kt: Value) -> Value:
 def fuse(node: Node, rw: Rewriter):
     if node.op != "matmul":
         return None
+    p, v = node.inputs
+    kept = p.node
+    if kept.op == "attention" and p.index == 1 and kept.inputs[2] == v:
+        return kept.outputs()[0]                  # weights @ V of a return_weights attention: its output
     m = analyze(rw, node)
     if m is None:
         return None
     if isinstance(m, str):
         rw.miss("fuse_attention", m)
         return None
+    return _make_attention(rw, m)
+
+
+def fuse_keeping_weights(node: Node, rw: Rewriter):
+    """softmax P read by P @ V and by others → the second output of attention(return_weights=True)."""
+    if node.op != "softmax" or rw.uses(node.out) < 2:
+        return None
+    if node.attrs["axis"] != node.type.rank - 1:
+        return None
+    old_id = rw._origin_key.get((node.id, 0), (node.id, 0))[0]
+    users = rw.__dict__.get("_fuse_attention_users")
+    if users is None:
+        users = rw.__dict__["_fuse_attention_users"] = rw.old.users()
+    pv = [u for u in users.get(old_id, []) if u.op == "matmul" and u.inputs[0].node.id == old_id]
+    if not pv:
+        return None
+    v = _current_value(rw, pv[0].inputs[1])
+    if v is None:
+        return None                               # V comes later: fuse() reports the near miss
+    m = _analyze_scores(rw, node, v, [pv[0], node])
+    if isinstance(m, str):
+        return None                               # fuse() at the P @ V matmul reports why
+    out = _make_attention(rw, m, return_weights=True)
+    if out is None:
+        return None
+    weights = out.node.outputs()[1]
+    if weights.type != node.type:
+        rw.miss("fuse_attention_weights", f"the fused weights would be {weights.type}, not {node.type}")
+        return None
+    return weights
+
+
+def _current_value(rw: Rewriter, old: Value) -> Value | None:
+    """The value standing for the old graph's ``old`` in the graph being built, if made yet:
+    its replacement by a rule, else its copy, else the node itself when it was kept as is."""
+    key = (old.node.id, old.index)
+    found = None
+    for new, origin in rw._origin_key.items():     # copies, then replacements, in the order made
+        if origin == key:
+            found = new
+    if found is not None:
+        for n in reversed(rw.graph.nodes):
+            if n.id == found[0]:
+                return Value(n, found[1])
+    return old if old.node in rw.graph else None
+
+
+def _make_attention(rw: Rewriter, m: Match, *, return_weights: bool = False) -> Value | None:
     k = _k_from_kt(rw, m.kt)
     extra = []
     bias = None
@@ -276,14 +348,17 @@ def fuse(node: Node, rw: Rewriter):
     if mask is not None:
         extra.append(mask)
     attrs = {"scale": float(m.scale), "causal": m.causal, "has_bias": bias is not None, "has_mask": mask is not None}
+    if return_weights:
+        attrs["return_weights"] = True               # absent otherwise: the default form is unchanged
     try:
         return rw.make("attention", [m.q, k, m.v, *extra], attrs, fused=m.nodes)
     except Exception as err:  # shapes the kernel cannot take (e.g. a mask that enlarges the scores)
-        rw.miss("fuse_attention", f"the fused op refused the shapes: {getattr(err, 'message', err)}")
+        rule = "fuse_attention_weights" if return_weights else "fuse_attention"
+        rw.miss(rule, f"the fused op refused the shapes: {getattr(err, 'message', err)}")
         return None
 
 
-RULES = [Rule("fuse_attention", fuse)]
+RULES = [Rule("fuse_attention", fuse), Rule("fuse_attention_weights", fuse_keeping_weights)]
 
 
 class _GraphCtx:
@@ -316,7 +391,7 @@ def report_near_misses(graph: Graph, log: PassLog, pass_name: str = "fuse_attent
             result = analyze(ctx, pv[0])
             reason = result if isinstance(result, str) else None
         elif any(v.node is n for v in graph.outputs.values()):
-            reason = "the attention weights are a graph output"
+            reason = "the softmax is a graph output but is not multiplied by V"
         else:
             reason = "the softmax result is not multiplied by V (" + (
                 ", ".join(sorted({u.op for u in readers})) or "no readers") + ")"

@@ -222,7 +222,7 @@ class Seq2SeqTransformer(Module):
 
 def _decoder_layer_with_weights(layer, x, memory, memory_pad, norm_first: bool):
     """An ``nn.TransformerDecoderLayer`` step by step, keeping the cross-attention weights
-    (``need_weights=True``, so the fuser leaves that softmax as a node of its own)."""
+    (``need_weights=True``: the fused attention node returns them as its second output)."""
     if norm_first:
         x = x + layer._sa_block(layer.norm1(x), None, None, True)
         out, weights = layer.multihead_attn(layer.norm2(x), memory, memory, key_padding_mask=memory_pad,

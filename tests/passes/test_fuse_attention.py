@@ -156,11 +156,7 @@ def near_miss_graph(kind):
     g = ag.Graph(kind)
     q, k, v = qkv(g)
     s = q @ kt(k) * 0.5
-    if kind == "weights_output":
-        p = ag.softmax(s, axis=-1)
-        g.output("weights", p)
-        g.output("o", p @ v)
-    elif kind == "fill_value":
+    if kind == "fill_value":
         g.output("o", ag.softmax(ag.mask(s, g.input("m", (B, 1, 1, T), "bool"), value=-1e4), axis=-1) @ v)
     elif kind == "tensor_scale":
         g.output("o", ag.softmax((q @ kt(k)) * g.input("temp", (B, H, T, 1)), axis=-1) @ v)
@@ -170,7 +166,6 @@ def near_miss_graph(kind):
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("weights_output", "attention weights"),
     ("fill_value", "not -inf"),
     ("tensor_scale", "multiplied by a tensor"),
     ("wrong_axis", "not over the last axis"),

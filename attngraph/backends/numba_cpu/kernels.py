@@ -247,8 +247,12 @@ def _scores_4d(x: np.ndarray, batch: tuple, tq: int, tk: int) -> np.ndarray:
 
 
 def _build_attention(node: Node):
+    """The flash kernel; declines the return_weights form (two outputs, the T×T probabilities
+    materialised), which then runs the numpy reference."""
     from .attention_kernels import attention_forward
 
+    if node.attrs.get("return_weights", False):
+        return None
     scale, causal = float(node.attrs["scale"]), bool(node.attrs["causal"])
     has_bias, has_mask = bool(node.attrs["has_bias"]), bool(node.attrs["has_mask"])
 

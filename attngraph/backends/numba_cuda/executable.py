@@ -90,6 +90,8 @@ def _kernel_kind(node: Node) -> str | None:
     if op in VIEW_OPS:
         return "view"
     types = [v.type for v in node.inputs] + list(node.types)
+    if op == "attention" and node.attrs.get("return_weights", False):
+        return None                     # the weights-returning form has no device kernel
     if op in _FLOAT32_OPS:
         floats = [t.dtype for t in types if t.dtype != DType.bool]
         if any(d != DType.float32 for d in floats):
@@ -509,7 +511,9 @@ class CudaExecutable(Executable):
     def _no_kernel(node: Node) -> BackendError:
         types = ", ".join(str(v.type) for v in node.inputs)
         why = ""
-        if node.op in _FLOAT32_OPS:
+        if node.op == "attention" and node.attrs.get("return_weights", False):
+            why = " with return_weights=True (the attention weights as a second output)"
+        elif node.op in _FLOAT32_OPS:
             why = " for these dtypes (its CUDA kernel runs float32)"
         return BackendError(f"the cuda backend has no kernel for {node.op}({types}){why}",
                             where=_where(node),
