@@ -377,3 +377,17 @@ def test_validation_errors():
         attention_backward(q, k, v, out, lse[..., :2], out)
     with pytest.raises(ValueError, match="dout must have dtype"):
         attention_backward(q, k, v, out, lse, out.astype(np.float64))
+
+
+def test_out_buffer_is_written_in_place_and_checked():
+    rng = np.random.default_rng(3)
+    q, k, v = (_rand(rng, (2, 3, 9, 8), np.float32) for _ in range(3))
+    expected = ak.attention_forward(q, k, v, causal=True)
+    out = np.full((2, 3, 9, 8), np.nan, np.float32)
+    got = ak.attention_forward(q, k, v, causal=True, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    for bad in (np.empty((2, 3, 9, 7), np.float32), np.empty((2, 3, 9, 8), np.float64),
+                np.empty((2, 3, 8, 9), np.float32).transpose(0, 1, 3, 2)):
+        with pytest.raises(ValueError, match="out must be"):
+            ak.attention_forward(q, k, v, out=bad)

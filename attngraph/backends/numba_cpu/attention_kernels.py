@@ -1049,7 +1049,7 @@ def _prep_bias_mask(bias, mask, full, dt):
 
 
 def attention_forward(q, k, v, *, scale=None, causal=False, bias=None, mask=None,
-                      return_lse=False):
+                      return_lse=False, out=None):
     """Scaled dot-product attention, flash style (see the module docstring).
 
     q (B,H,Tq,D), k (B,H,Tk,D), v (B,H,Tk,Dv); float32 or float64 (all the same dtype).
@@ -1057,19 +1057,26 @@ def attention_forward(q, k, v, *, scale=None, causal=False, bias=None, mask=None
     (B,H,Tq,Tk) (may contain -inf).  mask: boolean array broadcastable to (B,H,Tq,Tk),
     True = masked out.  causal: query i attends key j only when j <= i (top-left aligned).
     Returns out (B,H,Tq,Dv) [and lse (B,H,Tq), -inf for fully masked rows, whose output row
-    is 0].  Raises ValueError on invalid inputs.
+    is 0].  ``out``: a C-contiguous (B,H,Tq,Dv) array of q's dtype to write the result into
+    (the executor passes its planned buffer, so no second T×Dv array is allocated).
+    Raises ValueError on invalid inputs.
     """
     return _forward(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask,
-                    return_lse=return_lse)
+                    return_lse=return_lse, out=out)
 
 
 def _forward(q, k, v, *, scale=None, causal=False, bias=None, mask=None, return_lse=False,
-             block_q=None, block_k=None):
+             block_q=None, block_k=None, out=None):
     B, H, Tq, Tk, D, Dv = _check_qkv(q, k, v)
     dt = q.dtype
     scale = _check_scale(scale, D)
     bias_a, mask_a, has_bias, has_mask = _prep_bias_mask(bias, mask, (B, H, Tq, Tk), dt)
-    out = np.empty((B, H, Tq, Dv), dtype=dt)
+    if out is None:
+        out = np.empty((B, H, Tq, Dv), dtype=dt)
+    elif (out.shape != (B, H, Tq, Dv) or out.dtype != dt or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous {(B, H, Tq, Dv)} {dt} array, "
+                         f"got {out.shape} {out.dtype}")
     lse = np.empty((B, H, Tq), dtype=dt)
     if B * H * Tq == 0:
         return (out, lse) if return_lse else out

@@ -268,8 +268,13 @@ def _build_attention(node: Node):
         rest = list(inputs[3:])
         bias = _scores_4d(rest.pop(0), batch, tq, tk) if has_bias else None
         mask = _scores_4d(rest.pop(0), batch, tq, tk) if has_mask else None
-        result = attention_forward(_qkv_4d(q, batch), _qkv_4d(k, batch), _qkv_4d(v, batch), scale=scale,
-                                   causal=causal, bias=bias, mask=mask)
+        q4, k4, v4 = _qkv_4d(q, batch), _qkv_4d(k, batch), _qkv_4d(v, batch)
+        if out.flags.c_contiguous and not any(np.may_share_memory(out, x) for x in (q, k, v)):
+            # write straight into the planned buffer (a view: out is contiguous)
+            attention_forward(q4, k4, v4, scale=scale, causal=causal, bias=bias, mask=mask,
+                              out=_qkv_4d(out, batch))
+            return
+        result = attention_forward(q4, k4, v4, scale=scale, causal=causal, bias=bias, mask=mask)
         np.copyto(out, result.reshape(out.shape))
     return kernel
 
