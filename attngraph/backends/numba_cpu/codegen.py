@@ -46,6 +46,7 @@ from numpy.lib.stride_tricks import as_strided
 from ...ir import DType, Node, TensorType, as_dtype, get_op
 from ...ir.source import Source
 from .kernel_cache import cache_dir, kernel_path, load_kernel
+from ..arrays import matmul_into
 from ..expression import literal as _literal, scalar_template as _template
 
 __all__ = ["node_expression", "elementwise_source", "elementwise_header", "elementwise_kernel", "ElementwiseKernel",
@@ -384,7 +385,7 @@ class MatmulEpilogueKernel:
     def __call__(self, inputs, outs, bindings=None) -> None:
         a, b, *extra = inputs
         out = outs[0]
-        np.matmul(a, b, out=out)
+        matmul_into(a, b, out)
         run_elementwise(self.epilogue.variant, out, (out, *extra))
 
 

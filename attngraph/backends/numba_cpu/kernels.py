@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from ...errors import BackendError
 from ...ir import Node, get_op
+from ..arrays import matmul_into
 from ..numpy_ref import resolve_shape_attrs
 
 __all__ = ["NATIVE", "reference_kernel", "native_kernel"]
@@ -103,7 +104,7 @@ def _last_axis_float(node: Node, axis) -> bool:
 # -- matmul ---------------------------------------------------------------------------------
 def _build_matmul(node: Node):
     def kernel(inputs, outs, bindings):
-        np.matmul(inputs[0], inputs[1], out=outs[0])
+        matmul_into(inputs[0], inputs[1], outs[0])
     return kernel
 
 
