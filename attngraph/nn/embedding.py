@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import ops
+from ..dsl import as_tensor
 from .module import Module
 
 __all__ = ["Embedding"]
@@ -27,8 +28,14 @@ class Embedding(Module):
         self.register_parameter("weight", (num_embeddings, embedding_dim), init)
 
     def forward(self, ids):
-        """``ids``: an int Tensor (or array) of any shape → (*ids.shape, embedding_dim)."""
-        return ops.embedding(ids, self.param("weight"))
+        """``ids``: an int Tensor (or array) of any shape → (*ids.shape, embedding_dim).
+        As torch's, the ``padding_idx`` row gets no gradient (it is read through stop_gradient)."""
+        weight = self.param("weight")
+        out = ops.embedding(ids, weight)                                   # (*ids.shape, E)
+        if self.padding_idx is None:
+            return out
+        is_pad = ops.unsqueeze(as_tensor(ids, weight.graph) == self.padding_idx, -1)   # (*ids.shape, 1)
+        return ops.where(is_pad, ops.stop_gradient(out), out)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

@@ -218,6 +218,7 @@ ORACLES = {
         T(data), axis, T(np.where(idx < 0, idx + data.shape[axis], idx).reshape(-1)).long()).reshape(
         data.shape[:axis] + idx.shape + data.shape[axis + 1:]).numpy(),
     "cast": _cast_oracle,
+    "stop_gradient": lambda x: T(x).detach().numpy(),
     "dropout": lambda x, p: F.dropout(T(x), p, training=False).numpy(),
     "full": lambda shape, value, dtype: torch.full(shape, value, dtype=getattr(torch, str(dtype))).numpy(),
     "arange": lambda stop, dtype: torch.arange(stop, dtype=getattr(torch, str(dtype))).numpy(),
