@@ -30,3 +30,30 @@ def test_readme_example_runs_and_fails_where_it_says(tmp_path, monkeypatch):
     stated = re.search(r"#   in (model\.py:\d+)", code).group(1)
     assert stated in str(info.value) and "inner dims 64 and 32 differ" in str(info.value)
     assert list(tmp_path.glob("attention.*"))
+
+
+TUTORIALS = sorted((REPO / "docs" / "tutorials").glob("*.md"))
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_code_runs(path, tmp_path, monkeypatch, one_thread):
+    """Every ```python block of a tutorial runs, in order, in one namespace (a reader pasting
+    them one after another), in an empty working directory."""
+    blocks = _python_blocks(path)
+    assert blocks, f"{path.name} has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"tutorial_{path.stem}"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
+
+
+def test_every_model_family_has_a_tutorial():
+    import attngraph.models as models
+
+    have = {p.stem for p in TUTORIALS}
+    assert set(models.__all__) <= have, f"missing docs/tutorials/{sorted(set(models.__all__) - have)}.md"

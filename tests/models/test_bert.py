@@ -41,20 +41,6 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One numba and one BLAS thread: on a shared 2-core machine, spinning thread pools make
-    these small matmuls 50 times slower."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    numba.set_num_threads(before)
-
-
 # -- a tiny random BERT against transformers ------------------------------------------------------
 
 def _tiny_config(**kw) -> bert.BertConfig:
@@ -86,7 +72,7 @@ def _tiny_feeds(rng, b=3, t=7):
     return ids, mask, types
 
 
-def test_tiny_bert_matches_transformers_fused_on_cpu(one_thread):
+def test_tiny_bert_matches_transformers_fused_on_cpu(one_thread_module):
     cfg = _tiny_config()
     ref = _torch_bert(cfg)
     model = bert.BertModel(cfg)
@@ -112,7 +98,7 @@ def test_tiny_bert_matches_transformers_fused_on_cpu(one_thread):
     np.testing.assert_allclose(out["pooled"], want.pooler_output.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_bert_without_mask_or_token_types_and_bool_mask(one_thread):
+def test_tiny_bert_without_mask_or_token_types_and_bool_mask(one_thread_module):
     cfg = _tiny_config(hidden_act="gelu_new")
     ref = _torch_bert(cfg, seed=1)
     model = bert.BertModel(cfg, add_pooling_layer=False)
@@ -135,7 +121,7 @@ def test_tiny_bert_without_mask_or_token_types_and_bool_mask(one_thread):
                                atol=1e-5)
 
 
-def test_tiny_bert_attention_weights_match_transformers(one_thread):
+def test_tiny_bert_attention_weights_match_transformers(one_thread_module):
     cfg = _tiny_config()
     ref = _torch_bert(cfg, seed=2)
     ref.set_attn_implementation("eager")                    # (sdpa returns no weights)
@@ -212,7 +198,7 @@ def test_minilm_dir_missing_names_the_install_command(monkeypatch):
 # -- the real all-MiniLM-L6-v2 ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def encoder(one_thread):
+def encoder(one_thread_module):
     return bert.SentenceEncoder(batch_size=8)
 
 

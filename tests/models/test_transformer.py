@@ -77,20 +77,7 @@ def random_ids(rng, n, length, vocab, lengths=None):
     return ids.astype(np.int64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one numba, BLAS and torch thread is fastest, and keeps thread pools
-    from spinning against each other on a 2-core machine."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before, before_torch = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    numba.set_num_threads(before)
-    torch.set_num_threads(before_torch)
+pytestmark = pytest.mark.usefixtures("one_thread_module")   # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -147,19 +147,6 @@ def test_cli_runs_the_rnn_tasks(monkeypatch, capsys):
 
 # -- the accuracy targets (slow) --------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one numba thread and one BLAS thread is fastest on a 2-core machine."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    numba.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_bahdanau_decimal_reaches_65_percent_exact_match(one_thread):
     """0..999 (800 numbers trained, 200 held out), 40 epochs: 74.5% to 79.5% exact match measured

@@ -129,19 +129,6 @@ def test_registered_and_cli_passes_options(monkeypatch, capsys):
 
 # -- the target (slow) ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """A tiny model: one numba and one BLAS thread is fastest on a 2-core machine (see test_tasks.py)."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    numba.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_segmentation_reaches_target_miou(one_thread):
     t0 = time.perf_counter()

@@ -206,8 +206,12 @@ def test_vit_run_tiny_on_generated_images():
 # -- the command --------------------------------------------------------------------------------------
 
 def test_tasks_registry():
-    assert set(TASKS) == {"decimal-to-binary", "vit-digits"}
+    assert set(TASKS) >= {"decimal-to-binary", "vit-digits", "bahdanau-decimal", "captioning-shapes",
+                          "detr-shapes", "segmentation-shapes"}
     assert load_task("decimal-to-binary") is d2b
+    for name in TASKS:              # every task has what `attngraph train` calls
+        task = load_task(name)
+        assert callable(task.run) and hasattr(task, "Config") and hasattr(task.Result, "summary"), name
 
 
 def test_cli_train_passes_its_options(monkeypatch, capsys):
@@ -242,20 +246,6 @@ def test_cli_train_rejects_bad_epochs(capsys):
 
 
 # -- the accuracy targets (slow) ------------------------------------------------------------------------
-
-@pytest.fixture
-def one_thread():
-    """These models are tiny: one numba thread and one BLAS thread is fastest, and keeps two
-    thread pools from spinning against each other on a 2-core machine."""
-    import numba
-    from threadpoolctl import threadpool_limits
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    numba.set_num_threads(before)
-
 
 @pytest.mark.slow
 def test_decimal_to_binary_reaches_99_percent_exact_match(one_thread):
