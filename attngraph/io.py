@@ -104,6 +104,12 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise SerializationError(f"weight {name!r} is not an array: {type(value).__name__}") from err
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: pathlib.Path, data) -> None:
     """Write ``data`` (bytes, or a function that writes a given file name) to ``path`` atomically:
     to a temporary file in the same folder, renamed over ``path`` once complete."""
@@ -118,6 +124,7 @@ def _atomic_write(path: pathlib.Path, data) -> None:
                 f.write(data)
         if not isinstance(data, bytes):
             data(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600 files; give what open() would
         os.replace(tmp, path)
     except BaseException as err:
         try:

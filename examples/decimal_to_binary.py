@@ -5,6 +5,7 @@ Trains on 80% of the numbers 0..9999 (attngraph's CPU backend), greedy-decodes t
 decoder layer's cross-attention (binary digits × decimal digits) for a few numbers.
 
     python examples/decimal_to_binary.py --out d2b_out    # 99% exact match in ~3-4 min on 2 cores
+    mpiexec -n 2 python examples/decimal_to_binary.py      # data-parallel: 2 ranks, rank 0 reports
     attngraph train decimal-to-binary                      # the same, without the picture
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from attngraph.compiler import compile as compile_graph
+from attngraph.distributed import world
 from attngraph.tasks import decimal_to_binary as d2b
 
 
@@ -60,7 +62,10 @@ def main() -> None:
 
     cfg = d2b.Config(epochs=args.epochs, seed=args.seed, eval_every=args.eval_every, progress=args.progress)
     t0 = time.perf_counter()
-    result = d2b.run(cfg, log=print)
+    rank = world().rank                       # 0 unless started by mpiexec -n N: rank 0 alone reports
+    result = d2b.run(cfg, log=print if rank == 0 else None)
+    if rank != 0:
+        return
     print(result.summary())
     tgt_len = d2b.target_length(cfg.max_number)
     for n, bits, ok in result.examples:

@@ -4,6 +4,7 @@ Patches of 2×2 pixels, a class token, learned positions, a 2-layer pre-norm Tra
 encoder, trained on attngraph's CPU backend; prints the test accuracy (96.4%, about 25 s).
 
     python examples/vit_digits.py
+    mpiexec -n 2 python examples/vit_digits.py     # data-parallel over 2 ranks; rank 0 reports
     attngraph train vit-digits                     # the same from the command line
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from attngraph.distributed import world
 from attngraph.tasks import vit_digits
 
 
@@ -22,8 +24,10 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="a progress bar per epoch")
     args = parser.parse_args()
     cfg = vit_digits.Config(epochs=args.epochs, seed=args.seed, synthetic=args.synthetic, progress=args.progress)
-    result = vit_digits.run(cfg, log=print)
-    print(result.summary())
+    rank = world().rank                       # 0 unless started by mpiexec -n N: rank 0 alone reports
+    result = vit_digits.run(cfg, log=print if rank == 0 else None)
+    if rank == 0:
+        print(result.summary())
 
 
 if __name__ == "__main__":

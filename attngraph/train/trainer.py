@@ -16,6 +16,11 @@ hands the gradients to the optimizer, which updates ``step.params`` (the executa
 parameter store) in place. Eval mode (:meth:`TrainStep.evaluate`) runs the original
 graph, compiled on first use, where dropout is the identity.
 
+Data-parallel: under ``mpiexec -n N`` (N > 1) ``fit`` trains over the N ranks by itself
+(:mod:`attngraph.distributed`): the forward + backward runs on this rank's rows of each
+batch, the gradients meet in one allreduce, then the same optimizer step runs everywhere.
+That is why the executable stops at the gradients and the optimizer is a separate call.
+
 Reproducibility: the parameters start from the graph's initial values, the dropout
 masks come from ``numpy.random.default_rng(seed)``, and a checkpoint saves the
 parameters, the optimizer's state and step, the Generator's state and where ``fit``
@@ -33,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import AttngraphError, SerializationError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .dropout import dropout_mask_feeds, symbol_bindings, with_dropout
 from .optimizers import Adam, Optimizer
 
@@ -46,6 +51,7 @@ class TrainStep:
     """A compiled training step; see :func:`compile_train_step`.
 
     - ``step(feeds)`` (or ``step.step(feeds)``): one update; returns the loss (before the update).
+    - ``step.run_backward(feeds)``: the loss and the gradients (``__grad__<name>``), no update.
     - ``step.params``: the parameters (the executable's store), updated in place.
     - ``step.train()`` / ``step.eval()``: the mode of ``forward``; dropout masks are drawn in
       train mode only (in eval mode an update step feeds masks of ones).
@@ -122,6 +128,12 @@ class TrainStep:
             bindings = symbol_bindings(self.train_graph, feeds, skip=self._mask_names)
             feeds = {**feeds, **dropout_mask_feeds(self.dropout_sites, bindings, self.rng, train=train)}
         return self.exe.run(feeds)
+
+    def run_backward(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Forward + backward on one batch, no update: the executable's outputs, the loss, the
+        graph's other outputs and ``__grad__<param>`` for every trained parameter. (What ``step``
+        does before the optimizer; data-parallel training reduces the gradients in between.)"""
+        return self._run_train_graph(feeds, self.training)
 
     def step(self, feeds: Mapping[str, Any]) -> float:
         """One update on one batch; returns the loss computed before the update."""
@@ -245,11 +257,15 @@ class Batches:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
-    def __call__(self, epoch: int = 0) -> Iterable[dict[str, np.ndarray]]:
+    def batch_indices(self, epoch: int = 0) -> Iterable[np.ndarray]:
+        """The row indices of each batch of ``epoch`` (data-parallel ranks cut these, not the rows)."""
         order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __call__(self, epoch: int = 0) -> Iterable[dict[str, np.ndarray]]:
+        for idx in self.batch_indices(epoch):
             yield {k: v[idx] for k, v in self.arrays.items()}
 
     def __iter__(self):
@@ -316,7 +332,7 @@ def _batch_size(feeds: Mapping[str, Any]) -> int:
 
 def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep], Any] | None = None,
         callbacks: Iterable = (), checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-        resume: bool = False, progress: bool = True) -> History:
+        resume: bool = False, progress: bool = True, comm=None) -> History:
     """Train ``step`` for ``epochs`` passes over ``data``.
 
     - ``data``: a callable ``data(epoch)`` returning that epoch's feeds dicts (such as
@@ -333,15 +349,42 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
       the batches already done in that epoch are skipped, and training goes on as if
       never interrupted.
     - ``progress``: a tqdm bar per epoch with the running loss and samples/s.
+    - ``comm``: the ranks to train over (:mod:`attngraph.distributed`); default
+      ``distributed.world()``: one process, or every rank of the job under ``mpiexec -n N``.
+
+    Data-parallel (``comm.size > 1``, :class:`~attngraph.distributed.DataParallel`): each
+    batch of ``data`` is the global batch; each rank trains on its rows of it, the gradients
+    are averaged by one allreduce per step, and every rank takes the same optimizer step.
+    The losses in the history are the global batch's, the same on every rank. Rank 0 alone
+    loads and writes the checkpoint (the others receive its state), runs ``eval_fn`` (its
+    metrics are sent to the others) and draws the progress bar; callbacks run on every
+    rank, and training stops when any rank's callback sets ``stop``. A checkpoint does not
+    depend on the number of ranks: resume with as many or a different number.
     """
     from tqdm.auto import tqdm
 
+    from ..distributed import DataParallel, iter_shards, world
+
+    comm = world() if comm is None else comm
+    dp = DataParallel(step, comm) if comm.size > 1 else None
+    root = comm.rank == 0
     callbacks = [c if isinstance(c, Callback) else _EpochFunction(c) for c in callbacks]
+    step_hooks = any(type(c).on_step_end is not Callback.on_step_end for c in callbacks)
     history = History()
     state = FitState(step=step, epochs=epochs, history=history)
     start_epoch, skip, resumed_sum = 0, 0, 0.0
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        position = step.load(checkpoint).get("fit", {})
+    info: dict = {}
+    if checkpoint is not None and root:
+        remove_stale_temporaries(checkpoint)
+        if resume and os.path.exists(checkpoint):
+            info = step.load(checkpoint)
+    if dp is not None:
+        info = comm.broadcast_object(info)
+        dp.synchronize(info)
+    if info and root:
+        comm.last_checkpoint = f"{os.fspath(checkpoint)} (update {step.step_count}, resumed from)"
+    if info:
+        position = info.get("fit", {})
         start_epoch, skip = int(position.get("epoch", 0)), int(position.get("batch", 0))
         resumed_sum = float(position.get("loss_sum", 0.0))
         saved = position.get("history", {})
@@ -349,18 +392,26 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
         history.metrics = list(saved.get("metrics", []))
 
     def save(epoch: int, batch: int, loss_sum: float) -> None:
-        step.save(checkpoint, fit={"epoch": epoch, "batch": batch, "loss_sum": loss_sum,
-                                   "history": history.to_json()})
+        extra = {}
+        if dp is not None:            # collective: every rank's dropout Generator, gathered on rank 0
+            extra = {"ranks": comm.size, "rng_ranks": dp.rng_states()}
+        if root:
+            step.save(checkpoint, fit={"epoch": epoch, "batch": batch, "loss_sum": loss_sum,
+                                       "history": history.to_json()}, **extra)
+            comm.last_checkpoint = f"{os.fspath(checkpoint)} (update {step.step_count})"
 
     for c in callbacks:
         c.on_fit_start(state)
     for epoch in range(start_epoch, epochs):
         state.epoch = epoch
-        batches = data(epoch) if callable(data) else data
+        if dp is not None:
+            batches = iter_shards(data, epoch, comm.rank, comm.size)
+        else:
+            batches = data(epoch) if callable(data) else data
         total = len(data) if hasattr(data, "__len__") else None
         # the epoch's loss so far (a running sum, restored on resume, so the epoch mean is exact)
         loss_sum, loss_count = (resumed_sum, skip) if epoch == start_epoch else (0.0, 0)
-        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, initial=0,
+        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and root), initial=0,
                    dynamic_ncols=True, leave=True)
         samples, busy = 0, 0.0
         state.stop = False
@@ -369,9 +420,13 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
                 bar.update(1)
                 continue
             t0 = time.perf_counter()
-            loss = step.step(feeds)
+            if dp is not None:
+                loss = dp.step_on(feeds)
+                samples += feeds.total
+            else:
+                loss = step.step(feeds)
+                samples += _batch_size(feeds)
             busy += time.perf_counter() - t0
-            samples += _batch_size(feeds)
             loss_sum += loss
             loss_count += 1
             history.loss.append(loss)
@@ -381,6 +436,8 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
             bar.set_postfix(loss=f"{loss_sum / loss_count:.4g}", samples_s=f"{state.samples_per_s:.0f}")
             for c in callbacks:
                 c.on_step_end(state)
+            if dp is not None and step_hooks:
+                state.stop = dp.agree(state.stop)
             if checkpoint is not None and checkpoint_every and step.step_count % checkpoint_every == 0:
                 save(epoch, b + 1, loss_sum)
             if state.stop:
@@ -391,10 +448,13 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
         history.epoch_loss.append(loss_sum / loss_count if loss_count else math.nan)
         metrics: dict = {}
         if eval_fn is not None:
-            result = eval_fn(step)
-            result = dict(result) if isinstance(result, Mapping) else {"eval": result}
-            metrics = {k: v.item() if isinstance(v, np.generic) else v for k, v in result.items()}
-            if progress:
+            if root:
+                result = eval_fn(step)
+                result = dict(result) if isinstance(result, Mapping) else {"eval": result}
+                metrics = {k: v.item() if isinstance(v, np.generic) else v for k, v in result.items()}
+            if dp is not None:
+                metrics = comm.broadcast_object(metrics)
+            if progress and root:
                 tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {history.epoch_loss[-1]:.4g}, "
                            + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))
@@ -403,6 +463,8 @@ def fit(step: TrainStep, data, epochs: int = 1, *, eval_fn: Callable[[TrainStep]
         state.batch = 0
         for c in callbacks:
             c.on_epoch_end(state)
+        if dp is not None and callbacks:
+            state.stop = dp.agree(state.stop)
         if checkpoint is not None:
             save(epoch + 1, 0, 0.0)
         if state.stop:
