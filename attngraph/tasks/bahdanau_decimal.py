@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .. import train
+from .loop import fit_and_evaluate
 from ..dsl import Graph
 from ..models.seq2seq_rnn import BahdanauSeq2Seq, StepDecoder
 from .decimal_to_binary import (EOS, PAD, SOS, SRC_TOKENS, TGT_TOKENS, binary_text, decode_target, encode_source,
@@ -143,23 +144,7 @@ def run(cfg: Config | None = None, *, log: Callable[[str], None] | None = None) 
         em, tok = exact_match(produced, test_numbers, cfg.leading_zeros)
         return {"exact_match": em, "token_accuracy": tok}
 
-    def eval_fn(step_):
-        epoch = step_.step_count // len(batches)
-        if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:
-            return evaluate(step_)
-        return {}
-
-    def log_epoch(state):
-        extra = "".join(f", {k} {v:.4f}" for k, v in state.metrics.items())
-        log(f"epoch {state.epoch + 1}/{cfg.epochs}: loss {state.history.epoch_loss[-1]:.4f}{extra} "
-            f"({time.perf_counter() - t_start:.0f} s)")
-
-    history = train.fit(step, batches, cfg.epochs, eval_fn=eval_fn, callbacks=[log_epoch],
-                        checkpoint=cfg.checkpoint, resume=cfg.checkpoint is not None, progress=cfg.progress)
-    train_seconds = time.perf_counter() - t_start
-    t_eval = time.perf_counter()
-    metrics = evaluate(step)
-    eval_seconds = time.perf_counter() - t_eval
+    history, metrics, train_seconds, eval_seconds = fit_and_evaluate(step, batches, cfg, evaluate, log, t_start)
     metrics.update(n_test=len(test_numbers), n_train=len(train_numbers),
                    final_loss=history.epoch_loss[-1] if history.epoch_loss else math.nan)
     model.load_from(step.exe)

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .. import train
+from .loop import fit_and_evaluate
 from ..dsl import Graph
 from ..errors import AttngraphError
 from ..models.cnn_attention import FPNSegmenter
@@ -272,19 +273,14 @@ def run(cfg: Config | None = None, *, log: Callable[[str], None] | None = None) 
     eval_exe = compile_graph(build_eval_graph(model, cfg), backend=cfg.backend)
     log(f"{cfg.n_train} training and {cfg.n_test} test images; compiled in {time.perf_counter() - t_start:.1f} s")
 
-    def log_epoch(state):
-        log(f"epoch {state.epoch + 1}/{cfg.epochs}: loss {state.history.epoch_loss[-1]:.4f} "
-            f"({time.perf_counter() - t_start:.0f} s)")
+    def evaluate(step_) -> dict:
+        for name in eval_exe.params:
+            eval_exe.params[name] = step_.params[name]
+        return {"pred": predict(eval_exe, x_test)}
 
-    history = train.fit(step, batches, cfg.epochs, callbacks=[log_epoch], checkpoint=cfg.checkpoint,
-                        resume=cfg.checkpoint is not None, progress=cfg.progress)
-    train_seconds = time.perf_counter() - t_start
-    t_eval = time.perf_counter()
-    for name in eval_exe.params:
-        eval_exe.params[name] = step.params[name]
-    pred = predict(eval_exe, x_test)
+    history, final, train_seconds, eval_seconds = fit_and_evaluate(step, batches, cfg, evaluate, log, t_start)
+    pred = final["pred"]
     iou = iou_per_class(confusion(pred, y_test))
-    eval_seconds = time.perf_counter() - t_eval
     model.load_from(step.exe)
     metrics = {"miou": float(np.nanmean(iou)), "iou": [float(v) for v in iou],
                "pixel_accuracy": float((pred == y_test).mean()), "n_train": cfg.n_train, "n_test": cfg.n_test,

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .. import nn, ops, train
+from .loop import fit_and_evaluate
 from ..dsl import Graph
 from ..nn.module import Module, normal_init
 
@@ -268,17 +269,9 @@ def run(cfg: Config | None = None, *, log: Callable[[str], None] | None = None) 
             eval_exe.params[name] = step_.params[name]
         return float((predict(eval_exe, x[test_idx]) == labels[test_idx]).mean())
 
-    def log_epoch(state):
-        log(f"epoch {state.epoch + 1}/{cfg.epochs}: loss {state.history.epoch_loss[-1]:.4f} "
-            f"({time.perf_counter() - t_start:.0f} s)")
-
-    history = train.fit(step, batches, cfg.epochs, callbacks=[log_epoch], checkpoint=cfg.checkpoint,
-                        resume=cfg.checkpoint is not None, progress=cfg.progress)
-    train_seconds = time.perf_counter() - t_start
-    t_eval = time.perf_counter()
-    acc = accuracy(step)
-    eval_seconds = time.perf_counter() - t_eval
+    history, metrics, train_seconds, eval_seconds = fit_and_evaluate(
+        step, batches, cfg, lambda step_: {"accuracy": accuracy(step_)}, log, t_start)
     model.load_from(step.exe)
-    metrics = {"accuracy": acc, "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+    metrics = {"accuracy": metrics["accuracy"], "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
                "final_loss": history.epoch_loss[-1] if history.epoch_loss else math.nan, "dataset": dataset}
     return Result(cfg, metrics, train_seconds, eval_seconds, history, step)
