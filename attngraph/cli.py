@@ -2,7 +2,7 @@
 
     attngraph info model.json --dim B=8 --dim T=128    what a saved graph holds and costs
     attngraph render model.json -o model.svg --max-depth 2
-    attngraph train decimal-to-binary --epochs 45 --seed 0     a demo task, trained on the CPU
+    attngraph train decimal-to-binary --epochs 60 --seed 0     a demo task, trained on the CPU
     mpiexec -n 2 attngraph train vit-digits                     the same, data-parallel over 2 processes
     attngraph embed "a sentence" "another one" --similarity     all-MiniLM-L6-v2 sentence embeddings
 

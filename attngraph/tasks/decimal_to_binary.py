@@ -26,14 +26,15 @@ so the cost (15 runs per batch) is small. The same graph can also output the las
 decoder layer's cross-attention weights, averaged over heads: (B, tgt_len, src_len),
 the alignment of binary digits to decimal digits that the seed notes want to see.
 
-Measured (seed 0, the defaults: d=64, 2+2 layers, 4 heads, 45 epochs of 125 batches,
-AdamW with warmup + cosine to 3e-3): 99.15% exact match (99.76% of tokens) on the 2,000
-held-out numbers, trained in 195 s (compiling included; one thread, CPU backend, on a
-2-core machine shared with other jobs, 358 s when it was busier); seed 1 gives 99.45%;
-30 epochs give 98.45%. Held-out exact match stays low
-for most of the run and rises late, as the learning rate decays (45 epochs: 27% after
-15, 78% after 30). With 0..4095 (3,277 training numbers) the model learns the training
-set by heart and reaches only ~46% in 30 epochs: the task needs the larger range.
+Measured (the defaults: d=64, 2+2 layers, 4 heads, 60 epochs of 125 batches, AdamW with
+warmup + cosine to 3e-3; one thread, CPU backend, 2-core machine): 99.60% exact match
+(99.87% of tokens) on the 2,000 held-out numbers with seed 0 and 99.70% with seed 1, each
+trained in 217 s, compiling included. 45 epochs gave 99.15% on one version of the kernels
+and 98.15% on the next (float rounding moves this chaotic run by a point), so the default
+keeps a margin over the 99% target. Held-out exact match stays low for most of the run and
+rises late, as the learning rate decays. With 0..4095 (3,277 training numbers) the model
+learns the training set by heart and reaches only ~46% in 30 epochs: the task needs the
+larger range.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Config:
     dropout: float = 0.0
     norm_first: bool = False        # pre-norm layers (the paper's are post-norm)
     batch_size: int = 64
-    epochs: int = 45
+    epochs: int = 60
     lr: float = 3e-3                # peak of the warmup + cosine schedule
     warmup_steps: int = 200
     weight_decay: float = 0.01
