@@ -56,3 +56,19 @@ def test_editable_install_or_checkout_finds_ops(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     path, count = _probe(env=env, cwd=REPO)
     assert path == REPO / "ops" / "__init__.py" and count >= 55
+
+
+def test_openmp_workers_wait_passively_unless_the_user_chose(tmp_path):
+    """Spinning OpenMP workers starve the BLAS threads between kernels (34x slower models on 2
+    cores): importing attngraph makes them wait passively, but keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, attngraph; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -63,6 +63,9 @@ def _ort_session(path, threads: int = 2):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool spins after each run as OpenMP's does; the engines take turns in one process,
+    # so every engine waits passively (attngraph and torch through OMP_WAIT_POLICY)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
