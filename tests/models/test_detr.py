@@ -17,33 +17,13 @@ from attngraph.compiler import compile as compile_graph  # noqa: E402
 from attngraph.errors import AttngraphError, ShapeError  # noqa: E402
 from attngraph.models import detr, matching  # noqa: E402
 from attngraph.models.detr import DETR, DETRConfig, LossWeights  # noqa: E402
+from tests.torch_references import DetrPositionEmbeddingSine  # noqa: E402
 
 CFG = DETRConfig(image_size=16, in_channels=3, backbone_channels=(8, 12), d_model=16, nhead=2, num_encoder_layers=2,
                  num_decoder_layers=2, dim_feedforward=24, num_queries=5, num_classes=3)
 
 
 # -- DETR's reference code, written again in torch (models/transformer.py, position_encoding.py, detr.py) --
-
-class TorchPositionEmbeddingSine(tnn.Module):
-    def __init__(self, num_pos_feats, temperature=10000, scale=2 * math.pi):
-        super().__init__()
-        self.num_pos_feats, self.temperature, self.scale = num_pos_feats, temperature, scale
-
-    def forward(self, mask):                                           # (B, H, W) bool, True = padding
-        not_mask = ~mask
-        y_embed = not_mask.cumsum(1, dtype=torch.float32)
-        x_embed = not_mask.cumsum(2, dtype=torch.float32)
-        eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-
 
 class TorchEncoderLayer(tnn.Module):
     def __init__(self, d, h, f):
@@ -132,7 +112,7 @@ class TorchDETR(tnn.Module):
             c = out
         self.backbone = tnn.Sequential(*layers)
         self.input_proj = tnn.Conv2d(c, cfg.d_model, 1)
-        self.position = TorchPositionEmbeddingSine(cfg.d_model // 2)
+        self.position = DetrPositionEmbeddingSine(cfg.d_model // 2, normalize=True)
         self.transformer = TorchTransformer(cfg)
         self.query_embed = tnn.Embedding(cfg.num_queries, cfg.d_model)
         self.class_embed = tnn.Linear(cfg.d_model, cfg.num_classes + 1)

@@ -11,6 +11,7 @@ import pytest
 from attngraph.models.matching import box_cxcywh_to_xyxy
 from attngraph.tasks import TASKS, load_task
 from attngraph.tasks import detr_shapes as ds
+from tests.helpers import train_command
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -123,24 +124,11 @@ def test_run_tiny_checkpoint_and_resume(tmp_path):
 
 
 def test_cli_train_builds_the_config(monkeypatch, capsys):
-    from attngraph.cli import main
-
     assert TASKS["detr-shapes"] == "attngraph.tasks.detr_shapes" and load_task("detr-shapes") is ds
-    seen = {}
-
-    class FakeResult:
-        def summary(self):
-            return "fake summary"
-
-    def fake_run(cfg, log=print):
-        seen["cfg"] = cfg
-        return FakeResult()
-
-    monkeypatch.setattr(ds, "run", fake_run)
-    assert main(["train", "detr-shapes", "--epochs", "3", "--seed", "7"]) == 0
-    cfg = seen["cfg"]
+    status, cfg, lines = train_command(monkeypatch, capsys, ds, ["detr-shapes", "--epochs", "3", "--seed", "7"])
+    assert status == 0
     assert isinstance(cfg, ds.Config) and (cfg.epochs, cfg.seed, cfg.backend, cfg.checkpoint) == (3, 7, "cpu", None)
-    assert capsys.readouterr().out.strip() == "fake summary"
+    assert "\n".join(lines).strip() == "fake summary"
 
 
 # -- the target (slow) -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from attngraph.tasks import bahdanau_decimal as bd
 from attngraph.tasks import captioning_shapes as cs
 from attngraph.tasks import decimal_to_binary as d2b
 from attngraph.tasks import load_task
+from tests.helpers import train_command
 
 
 # -- bahdanau-decimal ------------------------------------------------------------------------------
@@ -124,25 +125,12 @@ def test_captioning_run_tiny():
 
 
 def test_cli_runs_the_rnn_tasks(monkeypatch, capsys):
-    from attngraph.cli import main
-
-    seen = []
-
-    class FakeResult:
-        def summary(self):
-            return "fake summary"
-
-    def fake_run(cfg, log=print):
-        seen.append(cfg)
-        return FakeResult()
-
-    monkeypatch.setattr(bd, "run", fake_run)
-    monkeypatch.setattr(cs, "run", fake_run)
-    assert main(["train", "bahdanau-decimal", "--epochs", "3", "--seed", "7"]) == 0
-    assert main(["train", "captioning-shapes"]) == 0
-    assert isinstance(seen[0], bd.Config) and (seen[0].epochs, seen[0].seed) == (3, 7)
-    assert isinstance(seen[1], cs.Config) and seen[1].epochs == cs.Config.epochs
-    assert capsys.readouterr().out.splitlines() == ["fake summary", "fake summary"]
+    status, cfg, lines = train_command(monkeypatch, capsys, bd, ["bahdanau-decimal", "--epochs", "3", "--seed", "7"])
+    assert status == 0 and lines == ["fake summary"]
+    assert isinstance(cfg, bd.Config) and (cfg.epochs, cfg.seed) == (3, 7)
+    status, cfg, lines = train_command(monkeypatch, capsys, cs, ["captioning-shapes"])
+    assert status == 0 and lines == ["fake summary"]
+    assert isinstance(cfg, cs.Config) and cfg.epochs == cs.Config.epochs
 
 
 # -- the accuracy targets (slow) --------------------------------------------------------------------

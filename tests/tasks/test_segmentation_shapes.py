@@ -12,6 +12,7 @@ from attngraph.compiler import compile as compile_graph
 from attngraph.errors import AttngraphError
 from attngraph.tasks import TASKS, load_task
 from attngraph.tasks import segmentation_shapes as seg
+from tests.helpers import train_command
 
 
 def _tiny(**kw) -> seg.Config:
@@ -106,25 +107,12 @@ def test_run_tiny():
 
 
 def test_registered_and_cli_passes_options(monkeypatch, capsys):
-    from attngraph.cli import main
-
     assert TASKS["segmentation-shapes"] == "attngraph.tasks.segmentation_shapes"
     assert load_task("segmentation-shapes") is seg
-    seen = {}
-
-    class FakeResult:
-        def summary(self):
-            return "fake summary"
-
-    def fake_run(cfg, log=print):
-        seen["cfg"] = cfg
-        return FakeResult()
-
-    monkeypatch.setattr(seg, "run", fake_run)
-    assert main(["train", "segmentation-shapes", "--epochs", "2", "--seed", "3"]) == 0
-    cfg = seen["cfg"]
+    status, cfg, lines = train_command(monkeypatch, capsys, seg, ["segmentation-shapes", "--epochs", "2", "--seed", "3"])
+    assert status == 0
     assert isinstance(cfg, seg.Config) and (cfg.epochs, cfg.seed, cfg.backend) == (2, 3, "cpu")
-    assert capsys.readouterr().out.splitlines()[-1] == "fake summary"
+    assert lines[-1] == "fake summary"
 
 
 # -- the target (slow) ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from attngraph.compiler import compile as compile_graph
 from attngraph.tasks import TASKS, load_task
 from attngraph.tasks import decimal_to_binary as d2b
 from attngraph.tasks import vit_digits as vit
+from tests.helpers import train_command
 
 
 # -- decimal → binary: data -------------------------------------------------------------------------
@@ -215,27 +216,14 @@ def test_tasks_registry():
 
 
 def test_cli_train_passes_its_options(monkeypatch, capsys):
-    from attngraph.cli import main
-
-    seen = {}
-
-    class FakeResult:
-        def summary(self):
-            return "fake summary"
-
-    def fake_run(cfg, log=print):
-        seen["cfg"] = cfg
-        log("training")
-        return FakeResult()
-
-    monkeypatch.setattr(d2b, "run", fake_run)
-    assert main(["train", "decimal-to-binary", "--epochs", "3", "--seed", "7"]) == 0
-    cfg = seen["cfg"]
+    status, cfg, lines = train_command(monkeypatch, capsys, d2b, ["decimal-to-binary", "--epochs", "3", "--seed", "7"],
+                                       log_line="training")
+    assert status == 0
     assert isinstance(cfg, d2b.Config) and (cfg.epochs, cfg.seed, cfg.backend) == (3, 7, "cpu")
-    assert capsys.readouterr().out.splitlines() == ["training", "fake summary"]
-    monkeypatch.setattr(vit, "run", fake_run)
-    assert main(["train", "vit-digits"]) == 0
-    assert isinstance(seen["cfg"], vit.Config) and seen["cfg"].epochs == vit.Config.epochs
+    assert lines == ["training", "fake summary"]
+    status, cfg, _ = train_command(monkeypatch, capsys, vit, ["vit-digits"], log_line="training")
+    assert status == 0
+    assert isinstance(cfg, vit.Config) and cfg.epochs == vit.Config.epochs
 
 
 def test_cli_train_rejects_bad_epochs(capsys):
