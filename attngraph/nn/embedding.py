@@ -31,10 +31,11 @@ class Embedding(Module):
         """``ids``: an int Tensor (or array) of any shape → (*ids.shape, embedding_dim).
         As torch's, the ``padding_idx`` row gets no gradient (it is read through stop_gradient)."""
         weight = self.param("weight")
+        ids = as_tensor(ids, weight.graph)                                 # an array becomes one const
         out = ops.embedding(ids, weight)                                   # (*ids.shape, E)
         if self.padding_idx is None:
             return out
-        is_pad = ops.unsqueeze(as_tensor(ids, weight.graph) == self.padding_idx, -1)   # (*ids.shape, 1)
+        is_pad = ops.unsqueeze(ids == self.padding_idx, -1)                # (*ids.shape, 1)
         return ops.where(is_pad, ops.stop_gradient(out), out)
 
     def extra_repr(self) -> str:
