@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...ir import Node
-from .kernels import _FLOATS, _one, _plain, _qkv_4d, _rows, _scores_4d
+from .kernels import _FLOATS, _one, _plain, _qkv_4d, _row_mean_rstd, _rows, _scores_4d
 
 __all__ = ["BACKWARD_NATIVE"]
 
@@ -75,15 +75,7 @@ def _layernorm_grad_rows(x, gamma, g, has_gamma, eps, n_chunks, dx, dgamma_part,
         r0 = c * per
         r1 = min(n_rows, r0 + per)
         for r in range(r0, r1):
-            s = 0.0
-            for j in range(n):
-                s += x[r, j]
-            mean = s / n
-            v = 0.0
-            for j in range(n):
-                d = x[r, j] - mean
-                v += d * d
-            rstd = 1.0 / np.sqrt(v / n + eps)
+            mean, rstd = _row_mean_rstd(x, r, eps)
             sg = 0.0
             sgx = 0.0
             for j in range(n):

@@ -144,20 +144,28 @@ def _build_softmax(node: Node):
 
 
 # -- layernorm ------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _row_mean_rstd(x, r, eps):
+    """Mean and 1 / sqrt(var + eps) of row ``r`` of ``x`` (two passes, accumulated in float64);
+    shared by the layernorm forward and backward kernels."""
+    n = x.shape[1]
+    s = 0.0
+    for j in range(n):
+        s += x[r, j]
+    mean = s / n
+    v = 0.0
+    for j in range(n):
+        c = x[r, j] - mean
+        v += c * c
+    return mean, 1.0 / np.sqrt(v / n + eps)
+
+
 @njit(cache=True, parallel=True)
 def _layernorm_rows(x, gamma, beta, has_gamma, has_beta, eps, out):
     """(x - mean) / sqrt(var + eps) * gamma + beta per row; statistics accumulated in float64."""
     n_rows, n = x.shape
     for r in prange(n_rows):
-        s = 0.0
-        for j in range(n):
-            s += x[r, j]
-        mean = s / n
-        v = 0.0
-        for j in range(n):
-            c = x[r, j] - mean
-            v += c * c
-        inv = 1.0 / np.sqrt(v / n + eps)
+        mean, inv = _row_mean_rstd(x, r, eps)
         for j in range(n):
             y = (x[r, j] - mean) * inv
             if has_gamma:
